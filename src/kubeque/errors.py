@@ -1,0 +1,47 @@
+"""One hierarchy for every error kubeque raises; each message says what to do."""
+
+from __future__ import annotations
+
+
+class KubequeError(Exception):
+    """Base class of every kubeque error."""
+
+
+class ConfigError(KubequeError):
+    """The queue, backend or worker was configured wrongly."""
+
+
+class InvalidIdentifierError(ConfigError):
+    """A schema or table name does not match ``^[a-z_][a-z0-9_]{0,62}$``."""
+
+
+class PayloadError(KubequeError):
+    """A payload (or a handler's result) is not storable JSON; nothing was stored."""
+
+
+class PayloadValidationError(PayloadError):
+    """A payload does not match its handler's declared schema."""
+
+
+class UnknownHandlerError(KubequeError):
+    """No handler of that name is registered."""
+
+
+class DuplicateTaskError(KubequeError):
+    """A task with that id already exists; nothing was stored."""
+
+
+class TaskNotFoundError(KubequeError):
+    """No task has that id."""
+
+
+class InvalidTaskError(KubequeError):
+    """A store (usually a custom backend) returned a malformed task."""
+
+
+class BackendError(KubequeError):
+    """The store could not be reached or refused the operation."""
+
+
+class SchemaMissingError(BackendError):
+    """The queue's schema has not been migrated; run ``kubeque migrate``."""

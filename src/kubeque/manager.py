@@ -1,0 +1,495 @@
+"""QueueManager: the public face of kubeque.
+
+Every operation is a coroutine (``await qm.add_task(...)``). Synchronous code
+(a Flask or Django view, a script) uses ``qm.sync``, which runs the same
+coroutines on a private event loop thread: ``qm.sync.add_task(...)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
+
+from .backends import make_repository
+from .backends.base import UPDATABLE_FIELDS, Repository
+from .errors import ConfigError, KubequeError, PayloadError, TaskNotFoundError, UnknownHandlerError
+from .events import EventBus, Listener, TaskEvent
+from .handlers import Handler, HandlerRegistry
+from .task import (
+    DEFAULT_MAX_PAYLOAD_BYTES,
+    DEFAULT_MAX_PROCESSING_TIME_MS,
+    DEFAULT_MAX_RETRIES,
+    DEFAULT_RETRY_BACKOFF_MS,
+    NewTask,
+    QueueStats,
+    Task,
+    TaskStatus,
+    check_payload,
+)
+
+if TYPE_CHECKING:
+    from .sync import SyncQueueManager
+    from .worker.runtime import Worker
+
+F = TypeVar("F", bound=Callable[..., Any])
+ProcessType = Literal["single", "multi-atomic"]
+_TASK_OPTIONS = frozenset(
+    {"priority", "max_retries", "max_processing_time", "retry_backoff_ms", "run_at", "delay", "id"}
+)
+
+
+def to_ms(value: int | float | timedelta | None, what: str, *, allow_zero: bool = False) -> int | None:
+    """Milliseconds from an int/float of ms or a timedelta; refuse nonsense clearly."""
+    if value is None:
+        return None
+    if isinstance(value, timedelta):
+        ms = int(value.total_seconds() * 1000)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        ms = int(value)
+    else:
+        raise ConfigError(f"{what} must be milliseconds (int) or a timedelta, not {type(value).__name__}")
+    if ms < 0 or (ms == 0 and not allow_zero):
+        raise ConfigError(f"{what} must be {'>= 0' if allow_zero else '> 0'} ms, got {ms}")
+    return ms
+
+
+@dataclass(frozen=True)
+class Defaults:
+    max_retries: int = DEFAULT_MAX_RETRIES
+    max_processing_time: int = DEFAULT_MAX_PROCESSING_TIME_MS
+    retry_backoff_ms: int = DEFAULT_RETRY_BACKOFF_MS
+
+
+class QueueManager:
+    """Register handlers, add tasks, run workers, watch events, inspect the queue."""
+
+    _instance: ClassVar[QueueManager | None] = None
+    _instance_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(
+        self,
+        backend: Mapping[str, Any] | Repository | None = None,
+        *,
+        name: str = "default",
+        process_type: ProcessType = "single",
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        max_processing_time: int | timedelta = DEFAULT_MAX_PROCESSING_TIME_MS,
+        retry_backoff_ms: int | timedelta = DEFAULT_RETRY_BACKOFF_MS,
+        poll_interval: float = 1.0,
+        lease_ms: int | timedelta = 30_000,
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        crash_on_worker_error: bool = False,
+        validate_handlers: bool = True,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        if process_type not in ("single", "multi-atomic"):
+            raise ConfigError(f"process_type must be 'single' or 'multi-atomic', not {process_type!r}")
+        self.repository: Repository = make_repository(backend if backend is not None else {"type": "memory"})
+        if process_type == "multi-atomic" and not self.repository.multi_process:
+            raise ConfigError(
+                f"the {self.repository.name} backend cannot be shared between processes, so it cannot run "
+                "'multi-atomic'; use the postgres, redis or file backend, or process_type='single'"
+            )
+        if max_retries < 0:
+            raise ConfigError("max_retries must be >= 0")
+        if poll_interval <= 0:
+            raise ConfigError("poll_interval must be > 0 seconds")
+        self.name = name
+        self.process_type = process_type
+        self.defaults = Defaults(
+            max_retries=max_retries,
+            max_processing_time=to_ms(max_processing_time, "max_processing_time") or 0,
+            retry_backoff_ms=to_ms(retry_backoff_ms, "retry_backoff_ms", allow_zero=True) or 0,
+        )
+        self.poll_interval = poll_interval
+        self.lease_ms = to_ms(lease_ms, "lease_ms") or 0
+        self.max_payload_bytes = max_payload_bytes
+        self.crash_on_worker_error = crash_on_worker_error
+        self.validate_handlers = validate_handlers
+        self.logger = logger or logging.getLogger("kubeque")
+        self.handlers = HandlerRegistry()
+        self.events = EventBus(self.logger)
+        self._opened_loop: asyncio.AbstractEventLoop | None = None
+        self._open_lock: asyncio.Lock | None = None
+        self._worker: Worker | None = None
+        self._sync: SyncQueueManager | None = None
+
+    # --- singleton ---------------------------------------------------------
+
+    @classmethod
+    def get_instance(cls, *args: Any, **kwargs: Any) -> QueueManager:
+        """The shared manager of this process, created by the first call's arguments."""
+        with cls._instance_lock:
+            if cls._instance is None:
+                cls._instance = cls(*args, **kwargs)
+            elif args or kwargs:
+                cls._instance.logger.debug("get_instance: instance exists, arguments ignored")
+            return cls._instance
+
+    @classmethod
+    def reset_instance(cls) -> None:
+        with cls._instance_lock:
+            cls._instance = None
+
+    # --- handlers ----------------------------------------------------------
+
+    def register(
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        *,
+        max_retries: int | None = None,
+        max_processing_time: int | timedelta | None = None,
+        retry_backoff_ms: int | timedelta | None = None,
+        schema: Any = None,
+        skip_on_payload_error: bool = False,
+    ) -> Handler:
+        """Register ``fn`` under ``name``. Its first argument's annotation (a pydantic
+        model, dataclass, TypedDict...) or ``schema`` validates payloads at add time."""
+        return self.handlers.register(
+            name,
+            fn,
+            max_retries=max_retries,
+            max_processing_time=to_ms(max_processing_time, "max_processing_time"),
+            retry_backoff_ms=to_ms(retry_backoff_ms, "retry_backoff_ms", allow_zero=True),
+            schema=schema,
+            skip_on_payload_error=skip_on_payload_error,
+        )
+
+    def handler(self, name: str | None = None, **options: Any) -> Callable[[F], F]:
+        """Decorator form of :meth:`register`; the name defaults to the function's."""
+
+        def wrap(fn: F) -> F:
+            self.register(name or fn.__name__, fn, **options)
+            return fn
+
+        return wrap
+
+    def inspect_handler(self, name: str) -> dict[str, Any]:
+        """A handler's settings, with the queue's defaults filled in where it sets none."""
+        h = self.handlers.require(name)
+        info = h.info()
+        info["effective"] = {
+            "max_retries": _first(h.max_retries, self.defaults.max_retries),
+            "max_processing_time": _first(h.max_processing_time, self.defaults.max_processing_time),
+            "retry_backoff_ms": _first(h.retry_backoff_ms, self.defaults.retry_backoff_ms),
+        }
+        return info
+
+    # --- events ------------------------------------------------------------
+
+    def on(self, event: str, listener: Listener) -> None:
+        """Call ``listener(TaskEvent)`` on ``event`` (task_added, task_started, task_completed,
+        task_failed, task_retried, task_removed, task_stuck, tasks_purged)."""
+        self.events.on(event, listener)
+
+    def off(self, event: str, listener: Listener) -> None:
+        self.events.off(event, listener)
+
+    # --- lifecycle ---------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect the store (done lazily by every operation)."""
+        loop = asyncio.get_running_loop()
+        if self._opened_loop is loop:
+            return
+        if self._opened_loop is not None and not self._opened_loop.is_closed():
+            raise ConfigError(
+                "this QueueManager is already bound to another event loop; use it from one loop, "
+                "or from synchronous code through qm.sync"
+            )
+        if self._open_lock is None or self._opened_loop is not None:
+            self._open_lock = asyncio.Lock()
+        async with self._open_lock:
+            if self._opened_loop is loop:
+                return
+            await self.repository.open()
+            self._opened_loop = loop
+
+    async def close(self) -> None:
+        """Stop the worker if running and release the store's connections."""
+        if self._worker is not None:
+            await self.stop_worker()
+        if self._opened_loop is not None:
+            await self.repository.close()
+            self._opened_loop = None
+
+    async def __aenter__(self) -> QueueManager:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def sync(self) -> SyncQueueManager:
+        """The same API for synchronous code, e.g. ``qm.sync.add_task("email", {...})``."""
+        if self._sync is None:
+            from .sync import SyncQueueManager
+
+            self._sync = SyncQueueManager(self)
+        return self._sync
+
+    # --- adding tasks ------------------------------------------------------
+
+    def _new_task(self, handler: str, payload: Any, options: Mapping[str, Any]) -> NewTask | None:
+        opts = dict(options)
+        extra = {k: opts.pop(k) for k in list(opts) if k not in _TASK_OPTIONS}
+        h = self.handlers.get(handler)
+        if h is None and self.validate_handlers:
+            if not isinstance(handler, str):
+                raise UnknownHandlerError(f"handler must be a string name, not {type(handler).__name__}")
+            known = ", ".join(self.handlers.names()) or "none"
+            raise UnknownHandlerError(
+                f"no handler named {handler!r} is registered (registered: {known}); "
+                "register it first, or create the QueueManager with validate_handlers=False in a process "
+                "that only adds tasks"
+            )
+        if not isinstance(handler, str) or not handler:
+            raise UnknownHandlerError(f"handler must be a non-empty string, not {handler!r}")
+        try:
+            data = h.validate(payload) if h is not None else payload
+            if hasattr(data, "model_dump"):
+                data = data.model_dump(mode="json")
+            stored = check_payload(data, max_bytes=self.max_payload_bytes)
+        except PayloadError as exc:
+            if h is not None and h.skip_on_payload_error:
+                self.logger.warning("skipped a task for handler %r: %s", handler, exc)
+                return None
+            raise
+        if extra:
+            try:
+                check_payload(extra, max_bytes=self.max_payload_bytes)
+            except PayloadError as exc:
+                raise PayloadError(f"extra task fields: {exc}") from None
+
+        priority = opts.get("priority", 0)
+        if not isinstance(priority, int) or isinstance(priority, bool) or abs(priority) > 2**31 - 1:
+            raise ConfigError(f"priority must be an integer within 32 bits, not {priority!r}")
+        max_retries = _first(opts.get("max_retries"), h.max_retries if h else None, self.defaults.max_retries)
+        if not isinstance(max_retries, int) or isinstance(max_retries, bool) or max_retries < 0:
+            raise ConfigError(f"max_retries must be an integer >= 0, not {max_retries!r}")
+        mpt = _first(
+            to_ms(opts.get("max_processing_time"), "max_processing_time"),
+            h.max_processing_time if h else None,
+            self.defaults.max_processing_time,
+        )
+        backoff = _first(
+            to_ms(opts.get("retry_backoff_ms"), "retry_backoff_ms", allow_zero=True),
+            h.retry_backoff_ms if h else None,
+            self.defaults.retry_backoff_ms,
+        )
+        run_at = opts.get("run_at")
+        delay = opts.get("delay")
+        if run_at is not None and delay is not None:
+            raise ConfigError("give run_at or delay, not both")
+        if run_at is not None and (not isinstance(run_at, datetime) or run_at.tzinfo is None):
+            raise ConfigError("run_at must be a timezone-aware datetime (e.g. datetime.now(timezone.utc))")
+        delay_ms = 0
+        if delay is not None:
+            if isinstance(delay, timedelta):
+                delay_ms = int(delay.total_seconds() * 1000)
+            elif isinstance(delay, (int, float)) and not isinstance(delay, bool):
+                delay_ms = int(delay * 1000)
+            else:
+                raise ConfigError(f"delay must be seconds or a timedelta, not {type(delay).__name__}")
+            if delay_ms < 0:
+                raise ConfigError("delay must not be negative")
+        task_id = opts.get("id")
+        if task_id is None:
+            task_id = str(uuid.uuid4())
+        elif not isinstance(task_id, str) or not task_id or len(task_id) > 255 or "\x00" in task_id:
+            raise ConfigError(f"task id must be a non-empty string of at most 255 characters, not {task_id!r}")
+        return NewTask(
+            handler=handler,
+            payload=stored,
+            id=task_id,
+            priority=priority,
+            max_retries=max_retries,
+            max_processing_time=mpt,
+            retry_backoff_ms=backoff,
+            run_at=run_at,
+            delay_ms=delay_ms,
+            extra=extra,
+        )
+
+    async def add_task(
+        self, handler: str, payload: Any = None, *, connection: Any = None, **options: Any
+    ) -> Task | None:
+        """Add one task. Options: priority, max_retries, max_processing_time (ms),
+        retry_backoff_ms, run_at (aware datetime) or delay (seconds), id; any other
+        keyword is stored as an extra field. ``connection`` joins a caller's
+        Postgres transaction. Returns None if the payload was skipped."""
+        new = self._new_task(handler, {} if payload is None else payload, options)
+        if new is None:
+            return None
+        tasks = await self._store([new], connection)
+        return tasks[0]
+
+    async def add_tasks(self, tasks: Iterable[Mapping[str, Any]], *, connection: Any = None) -> list[Task]:
+        """Add many tasks in one round trip, all or none. Each item is a mapping with
+        ``handler``, ``payload`` and any add_task option."""
+        news: list[NewTask] = []
+        for i, spec in enumerate(tasks):
+            if not isinstance(spec, Mapping) or "handler" not in spec:
+                raise ConfigError(f"task #{i} must be a mapping with a 'handler' key")
+            opts = {k: v for k, v in spec.items() if k not in ("handler", "payload")}
+            try:
+                new = self._new_task(spec["handler"], spec.get("payload") or {}, opts)
+            except KubequeError as exc:
+                raise type(exc)(f"task #{i}: {exc}") from None
+            if new is not None:
+                news.append(new)
+        if not news:
+            return []
+        return await self._store(news, connection)
+
+    async def _store(self, news: list[NewTask], connection: Any) -> list[Task]:
+        await self.open()
+        stored = await self.repository.add(news, connection=connection)
+        if self.events.has_listeners("task_added"):
+            for t in stored:
+                await self.events.emit(TaskEvent("task_added", task=t, task_id=t.id))
+        return stored
+
+    # --- workers -----------------------------------------------------------
+
+    async def start_worker(self, concurrency: int = 1, **options: Any) -> Worker:
+        """Start taking and running tasks in the background of this event loop."""
+        from .worker.runtime import Worker
+
+        if self._worker is not None and self._worker.running:
+            raise ConfigError("a worker is already running on this QueueManager; stop it first")
+        await self.open()
+        self._worker = Worker(self, concurrency=concurrency, **options)
+        await self._worker.start()
+        return self._worker
+
+    async def stop_worker(self, grace: float = 30.0) -> None:
+        """Stop taking tasks, let running ones finish within ``grace`` seconds,
+        return the rest to pending without spending an attempt."""
+        if self._worker is not None:
+            worker, self._worker = self._worker, None
+            await worker.stop(grace)
+
+    @property
+    def worker(self) -> Worker | None:
+        return self._worker
+
+    # --- inspection --------------------------------------------------------
+
+    async def get_all_tasks(self, status: TaskStatus | str | None = None, limit: int | None = None) -> list[Task]:
+        await self.open()
+        return await self.repository.list(_status(status), limit)
+
+    async def get_task(self, task_id: str) -> Task | None:
+        await self.open()
+        return await self.repository.get(task_id)
+
+    async def update_task(self, task_id: str, **fields: Any) -> Task:
+        """Change a task's payload, priority, max_retries, max_processing_time,
+        run_at, retry_backoff_ms or extra; ``status="pending"`` retries a finished task."""
+        await self.open()
+        unknown = set(fields) - UPDATABLE_FIELDS - {"status"}
+        if unknown:
+            raise ConfigError(
+                f"cannot update {sorted(unknown)}; updatable fields: {sorted(UPDATABLE_FIELDS | {'status'})}"
+            )
+        current = await self.repository.get(task_id)
+        if current is None:
+            raise TaskNotFoundError(f"no task with id {task_id!r}")
+        clean: dict[str, Any] = {}
+        if "status" in fields:
+            st = _status(fields["status"])
+            if st is not TaskStatus.PENDING:
+                raise ConfigError("status can only be set to 'pending' (to retry); use remove_task to delete")
+            if current.status is TaskStatus.PROCESSING:
+                raise ConfigError(f"task {task_id!r} is processing; wait for it to finish before retrying it")
+            clean["status"] = TaskStatus.PENDING
+            if current.status in (TaskStatus.FAILED, TaskStatus.COMPLETED):
+                clean["retry_count"] = 0
+        if "payload" in fields:
+            new = self._new_task(current.handler, fields["payload"], {})
+            if new is None:
+                raise PayloadError("payload refused")
+            clean["payload"] = new.payload
+        if "priority" in fields:
+            p = fields["priority"]
+            if not isinstance(p, int) or isinstance(p, bool) or abs(p) > 2**31 - 1:
+                raise ConfigError(f"priority must be an integer within 32 bits, not {p!r}")
+            clean["priority"] = p
+        if "max_retries" in fields:
+            m = fields["max_retries"]
+            if not isinstance(m, int) or isinstance(m, bool) or m < 0:
+                raise ConfigError(f"max_retries must be an integer >= 0, not {m!r}")
+            clean["max_retries"] = m
+        if "max_processing_time" in fields:
+            clean["max_processing_time"] = to_ms(fields["max_processing_time"], "max_processing_time")
+        if "retry_backoff_ms" in fields:
+            clean["retry_backoff_ms"] = to_ms(fields["retry_backoff_ms"], "retry_backoff_ms", allow_zero=True)
+        if "run_at" in fields:
+            r = fields["run_at"]
+            if not isinstance(r, datetime) or r.tzinfo is None:
+                raise ConfigError("run_at must be a timezone-aware datetime")
+            clean["run_at"] = r
+        if "extra" in fields:
+            e = fields["extra"]
+            check_payload(e, max_bytes=self.max_payload_bytes)
+            clean["extra"] = e
+        return await self.repository.update(task_id, clean)
+
+    async def remove_task(self, task_id: str, hard: bool = False) -> bool:
+        """Soft removal marks the task ``deleted``; ``hard=True`` deletes it."""
+        await self.open()
+        removed = await self.repository.remove(task_id, hard)
+        if removed:
+            await self.events.emit(TaskEvent("task_removed", task_id=task_id, outcome="hard" if hard else "soft"))
+        return removed
+
+    async def stats(self) -> QueueStats:
+        """Counts by status and the age of the oldest due pending task."""
+        await self.open()
+        return await self.repository.stats()
+
+    async def purge(
+        self,
+        older_than: int | timedelta = timedelta(days=7),
+        statuses: Iterable[TaskStatus | str] = (TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.DELETED),
+        batch_size: int = 1000,
+    ) -> int:
+        """Delete finished tasks not updated for ``older_than`` (ms or timedelta), in bounded batches."""
+        await self.open()
+        age = to_ms(older_than, "older_than", allow_zero=True) or 0
+        sts = [s for s in (_status(x) for x in statuses) if s is not None]
+        if TaskStatus.PENDING in sts or TaskStatus.PROCESSING in sts:
+            raise ConfigError("purge only removes finished tasks (completed, failed, deleted)")
+        total = 0
+        while True:
+            n = await self.repository.purge(age, sts, batch_size)
+            total += n
+            if n < batch_size:
+                break
+        await self.events.emit(TaskEvent("tasks_purged", count=total))
+        return total
+
+
+def _first(*values: Any) -> Any:
+    for v in values:
+        if v is not None:
+            return v
+    return None
+
+
+def _status(value: TaskStatus | str | None) -> TaskStatus | None:
+    if value is None or isinstance(value, TaskStatus):
+        return value
+    try:
+        return TaskStatus(value)
+    except ValueError:
+        raise ConfigError(f"unknown status {value!r}: use one of {', '.join(s.value for s in TaskStatus)}") from None

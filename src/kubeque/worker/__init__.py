@@ -1,0 +1,5 @@
+"""The worker runtime: slots, leases, deadlines, wakeups, shutdown."""
+
+from .runtime import Worker
+
+__all__ = ["Worker"]

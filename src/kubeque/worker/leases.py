@@ -1,0 +1,104 @@
+"""Lease upkeep: renew what this worker runs, reclaim what dead workers left.
+
+Renewal runs every third of the lease, so two renewals can fail before a live
+worker's task looks abandoned. Reclaim counts the lost attempt as a failure,
+guarded so that only one reclaimer's write lands for each attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+
+from ..backends.base import Repository
+from ..task import FailOutcome, Failure, Lease, Task, backoff_ms
+
+
+class LeaseKeeper:
+    def __init__(
+        self,
+        repository: Repository,
+        worker_id: str,
+        lease_ms: int,
+        held: Callable[[], Sequence[Lease]],
+        logger: logging.Logger,
+    ) -> None:
+        self._repo = repository
+        self._worker_id = worker_id
+        self._lease_ms = lease_ms
+        self._held = held
+        self._logger = logger
+        self.lost: set[str] = set()
+
+    @property
+    def interval(self) -> float:
+        return self._lease_ms / 3000
+
+    async def renew(self) -> None:
+        leases = list(self._held())
+        if not leases:
+            return
+        renewed = set(await self._repo.heartbeat(self._worker_id, leases, self._lease_ms))
+        for lease in leases:
+            if lease.id not in renewed and lease.id not in self.lost:
+                self.lost.add(lease.id)
+                self._logger.warning(
+                    "lost the lease on task %s (attempt %d); its result will not be stored", lease.id, lease.attempt
+                )
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.renew()
+            except Exception as exc:
+                self._logger.warning("could not renew leases: %s", exc)
+
+
+OnReclaimed = Callable[[Task, FailOutcome, str], Awaitable[None]]
+
+
+class Reclaimer:
+    """Fails attempts whose lease ran out: their worker died or was cut off."""
+
+    def __init__(
+        self,
+        repository: Repository,
+        interval: float,
+        on_reclaimed: OnReclaimed,
+        logger: logging.Logger,
+        batch: int = 100,
+    ) -> None:
+        self._repo = repository
+        self.interval = interval
+        self._on_reclaimed = on_reclaimed
+        self._logger = logger
+        self._batch = batch
+
+    async def reclaim_once(self) -> int:
+        count = 0
+        for task in await self._repo.expired(self._batch):
+            error = f"lease expired: worker {task.worker} stopped renewing it (crashed or cut off)"
+            outcome = await self._repo.fail(
+                Failure(
+                    id=task.id,
+                    attempt=task.attempt,
+                    error=error,
+                    retry_delay_ms=backoff_ms(task.retry_backoff_ms, task.retry_count),
+                    outcome="lost",
+                    only_if_expired=True,
+                )
+            )
+            if outcome is not None:
+                count += 1
+                await self._on_reclaimed(task, outcome, error)
+        return count
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.reclaim_once()
+            except Exception as exc:
+                self._logger.warning("could not reclaim expired leases: %s", exc)
+            await asyncio.sleep(self.interval)

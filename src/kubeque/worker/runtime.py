@@ -1,0 +1,352 @@
+"""The worker: takes tasks into free slots, runs them, records the outcome.
+
+Sync handlers run in a thread pool, async ones on the loop. Each attempt runs
+under its deadline (``max_processing_time``). Shutdown stops taking at once,
+waits for running tasks within the grace period and returns the rest to
+pending without spending an attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from ..errors import KubequeError, PayloadError
+from ..events import TaskEvent
+from ..task import Completion, FailOutcome, Failure, Lease, Task, backoff_ms, encode_json, sanitise_error
+from .completions import CompletionBatcher
+from .leases import LeaseKeeper, Reclaimer
+
+if TYPE_CHECKING:
+    from ..manager import QueueManager
+
+
+@dataclass
+class Running:
+    task: Task
+    started: float
+    job: asyncio.Task[None] | None = None
+
+
+@dataclass
+class WorkerCounters:
+    completed: int = 0
+    failed: int = 0
+    retried: int = 0
+    timed_out: int = 0
+    reclaimed: int = 0
+    released: int = 0
+    started: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+class Worker:
+    def __init__(
+        self,
+        manager: QueueManager,
+        concurrency: int = 1,
+        *,
+        worker_id: str | None = None,
+        lease_ms: int | None = None,
+        poll_interval: float | None = None,
+        reclaim_interval: float | None = None,
+        reclaim: bool = True,
+    ) -> None:
+        if not isinstance(concurrency, int) or concurrency < 1:
+            raise KubequeError(f"concurrency must be an integer >= 1, not {concurrency!r}")
+        self.manager = manager
+        self.repo = manager.repository
+        self.logger: logging.Logger = manager.logger
+        self.concurrency = concurrency
+        self.id = worker_id or default_worker_id()
+        self.lease_ms = lease_ms or manager.lease_ms
+        self.poll_interval = poll_interval or manager.poll_interval
+        self.counters = WorkerCounters()
+        self.running = False
+        self._in_flight: dict[str, Running] = {}
+        self._stopping = asyncio.Event()
+        self._slot_free = asyncio.Event()
+        self._releasing = False
+        self._crash: BaseException | None = None
+        self._threads = ThreadPoolExecutor(max_workers=concurrency + 4, thread_name_prefix="kubeque-task")
+        self._completions = CompletionBatcher(self.repo, self.logger)
+        self._leases = LeaseKeeper(self.repo, self.id, self.lease_ms, self._held, self.logger)
+        self._reclaimer = (
+            Reclaimer(self.repo, reclaim_interval or max(0.2, self.lease_ms / 2000), self._on_reclaimed, self.logger)
+            if reclaim
+            else None
+        )
+        self._loops: list[asyncio.Task[None]] = []
+        self._done = asyncio.Event()
+
+    # --- public ------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    @property
+    def free_slots(self) -> int:
+        return self.concurrency - len(self._in_flight)
+
+    async def start(self) -> None:
+        self.running = True
+        self._completions.start()
+        self._loops = [
+            asyncio.create_task(self._take_loop(), name="kubeque-take"),
+            asyncio.create_task(self._leases.run(), name="kubeque-leases"),
+        ]
+        if self._reclaimer is not None:
+            self._loops.append(asyncio.create_task(self._reclaimer.run(), name="kubeque-reclaim"))
+        self.logger.info("worker %s started with %d slots", self.id, self.concurrency)
+
+    async def wait(self) -> None:
+        """Block until the worker stops; re-raise a handler error under crash_on_worker_error."""
+        await self._done.wait()
+        if self._crash is not None:
+            raise self._crash
+
+    async def stop(self, grace: float = 30.0) -> None:
+        if not self.running:
+            return
+        self._stopping.set()
+        take = self._loops[0]
+        with contextlib.suppress(asyncio.CancelledError):
+            await take
+        jobs = [r.job for r in self._in_flight.values() if r.job is not None]
+        if jobs:
+            self.logger.info("waiting up to %.0fs for %d running tasks", grace, len(jobs))
+            await asyncio.wait(jobs, timeout=grace)
+        leftover = list(self._in_flight.values())
+        if leftover:
+            self._releasing = True
+            for r in leftover:
+                if r.job is not None:
+                    r.job.cancel()
+            await asyncio.gather(*(r.job for r in leftover if r.job is not None), return_exceptions=True)
+            try:
+                released = await self.repo.release([Lease(r.task.id, r.task.attempt) for r in leftover])
+                self.counters.released += len(released)
+                self.logger.info("returned %d unfinished tasks to pending", len(released))
+            except Exception as exc:
+                self.logger.warning("could not release %d tasks (%s); their leases will expire", len(leftover), exc)
+            self._in_flight.clear()
+        await self._completions.close()
+        for loop_task in self._loops[1:]:
+            loop_task.cancel()
+        await asyncio.gather(*self._loops[1:], return_exceptions=True)
+        self._threads.shutdown(wait=False, cancel_futures=True)
+        self.running = False
+        self._done.set()
+        self.logger.info(
+            "worker %s stopped: %d completed, %d failed, %d retried",
+            self.id,
+            self.counters.completed,
+            self.counters.failed,
+            self.counters.retried,
+        )
+
+    # --- taking ------------------------------------------------------------
+
+    def _held(self) -> list[Lease]:
+        return [Lease(r.task.id, r.task.attempt) for r in self._in_flight.values()]
+
+    async def _take_loop(self) -> None:
+        failures = 0
+        while not self._stopping.is_set():
+            free = self.free_slots
+            got = 0
+            if free > 0:
+                try:
+                    tasks = await self.repo.dequeue(self.id, free, self.lease_ms)
+                    failures = 0
+                except Exception as exc:
+                    failures += 1
+                    delay = min(0.1 * 2**failures, 5.0)
+                    self.logger.warning("could not take tasks (%s); trying again in %.1fs", exc, delay)
+                    await self._sleep_unless_stopping(delay)
+                    continue
+                got = len(tasks)
+                for t in tasks:
+                    self._spawn(t)
+                if got == free:
+                    continue  # there may be more waiting
+            await self._wait_for_reason(want_work=self.free_slots > 0)
+
+    async def _sleep_unless_stopping(self, delay: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), delay)
+
+    async def _wait_for_reason(self, want_work: bool) -> None:
+        """Sleep until new work is announced, a slot frees up, the poll interval passes, or stop."""
+        self._slot_free.clear()
+        waits: list[asyncio.Task[Any]] = [
+            asyncio.create_task(self._stopping.wait()),
+            asyncio.create_task(self._slot_free.wait()),
+        ]
+        if want_work:
+            waits.append(asyncio.create_task(self.repo.wait_for_work(self.poll_interval)))
+        else:
+            waits.append(asyncio.create_task(asyncio.sleep(self.poll_interval)))
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
+
+    def _spawn(self, task: Task) -> None:
+        run = Running(task=task, started=time.monotonic())
+        self._in_flight[task.id] = run
+        self.counters.started += 1
+        run.job = asyncio.create_task(self._run(run), name=f"kubeque-task-{task.id}")
+
+    # --- running -----------------------------------------------------------
+
+    async def _run(self, run: Running) -> None:
+        task = run.task
+        try:
+            await self._emit("task_started", task, wait_s=_wait_seconds(task))
+            await self._execute(run)
+        except asyncio.CancelledError:
+            if not self._releasing:
+                raise
+        except Exception:
+            # A bug in kubeque itself must not kill the worker; the lease will
+            # expire and the task will be reclaimed.
+            self.logger.exception("internal error while running task %s", task.id)
+        finally:
+            self._in_flight.pop(task.id, None)
+            self._slot_free.set()
+
+    async def _execute(self, run: Running) -> None:
+        task = run.task
+        handler = self.manager.handlers.get(task.handler)
+        if handler is None:
+            known = ", ".join(self.manager.handlers.names()) or "none"
+            await self._fail(
+                run,
+                f"no handler named {task.handler!r} is registered in this worker (registered: {known})",
+                outcome="unknown_handler",
+                final=True,
+            )
+            return
+        try:
+            arg = handler.decode(task.payload)
+        except Exception as exc:
+            await self._fail(
+                run,
+                f"stored payload no longer matches the handler's schema: {exc}",
+                outcome="invalid_payload",
+                final=True,
+            )
+            return
+        args: tuple[Any, ...] = (arg, task) if handler.wants_task else (arg,)
+        deadline = task.max_processing_time / 1000
+        try:
+            if handler.is_async:
+                result = await asyncio.wait_for(handler.fn(*args), deadline)
+            else:
+                loop = asyncio.get_running_loop()
+                fut = loop.run_in_executor(self._threads, functools.partial(handler.fn, *args))
+                result = await asyncio.wait_for(fut, deadline)
+        except TimeoutError:
+            self.counters.timed_out += 1
+            error = f"attempt exceeded max_processing_time of {task.max_processing_time} ms and was stopped"
+            await self._emit("task_stuck", task, error=error, outcome="timeout")
+            await self._fail(run, error, outcome="timeout")
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            await self._fail(run, f"{type(exc).__name__}: {exc}", outcome="error")
+            if self.manager.crash_on_worker_error and self._crash is None:
+                self._crash = exc
+                asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self.stop(0)))
+            return
+        try:
+            stored = json.loads(encode_json(result, what="handler result")) if result is not None else None
+        except PayloadError as exc:
+            await self._fail(run, str(exc), outcome="error")
+            return
+        duration = time.monotonic() - run.started
+        if task.id in self._leases.lost:
+            self._leases.lost.discard(task.id)
+            return
+        landed = await self._completions.complete(Completion(task.id, task.attempt, stored))
+        if landed:
+            self.counters.completed += 1
+            await self._emit("task_completed", task, result=stored, duration_s=duration, outcome="completed")
+        else:
+            self.logger.warning("completion of task %s (attempt %d) came too late; not stored", task.id, task.attempt)
+
+    async def _fail(self, run: Running, error: str, *, outcome: str, final: bool = False) -> None:
+        task = run.task
+        error = sanitise_error(error)
+        self.logger.debug("task %s attempt %d failed: %s", task.id, task.attempt, outcome)
+        failure = Failure(
+            id=task.id,
+            attempt=task.attempt,
+            error=error,
+            retry_delay_ms=backoff_ms(task.retry_backoff_ms, task.retry_count),
+            outcome=outcome,
+            final=final,
+        )
+        result = await self._with_retries(lambda: self.repo.fail(failure))
+        duration = time.monotonic() - run.started
+        if result is FailOutcome.RETRIED:
+            self.counters.retried += 1
+            await self._emit("task_retried", task, error=error, duration_s=duration, outcome=outcome)
+        elif result is FailOutcome.FAILED:
+            self.counters.failed += 1
+            await self._emit("task_failed", task, error=error, duration_s=duration, outcome=outcome)
+        else:
+            self.logger.warning("failure of task %s (attempt %d) came too late; not stored", task.id, task.attempt)
+
+    async def _with_retries(self, op: Any) -> Any:
+        delay = 0.05
+        for _ in range(8):
+            try:
+                return await op()
+            except Exception as exc:
+                self.logger.warning("store call failed (%s); retrying in %.2fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 3.0)
+        return await op()
+
+    async def _on_reclaimed(self, task: Task, outcome: FailOutcome, error: str) -> None:
+        self.counters.reclaimed += 1
+        await self._emit("task_stuck", task, error=error, outcome="lost")
+        name = "task_retried" if outcome is FailOutcome.RETRIED else "task_failed"
+        await self._emit(name, task, error=error, outcome="lost")
+
+    async def _emit(self, name: str, task: Task, **data: Any) -> None:
+        if self.manager.events.has_listeners(name):
+            await self.manager.events.emit(TaskEvent(name, task=task, task_id=task.id, **data))
+
+
+def _wait_seconds(task: Task) -> float | None:
+    if not task.log:
+        return None
+    started = task.log[-1].get("started_at")
+    if not isinstance(started, str):
+        return None
+    try:
+        return max(0.0, (datetime.fromisoformat(started) - task.run_at).total_seconds())
+    except ValueError:
+        return None
