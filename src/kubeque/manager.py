@@ -120,6 +120,15 @@ class QueueManager:
         self._worker: Worker | None = None
         self._sync: SyncQueueManager | None = None
 
+    def configure_backend(self, backend: Mapping[str, Any] | Repository) -> None:
+        """Replace the store before first use (the worker CLI's --dsn does this)."""
+        if self._opened_loop is not None:
+            raise ConfigError("the backend cannot be changed after the QueueManager has been used")
+        repo = make_repository(backend)
+        if self.process_type == "multi-atomic" and not repo.multi_process:
+            raise ConfigError(f"the {repo.name} backend cannot run 'multi-atomic'")
+        self.repository = repo
+
     # --- singleton ---------------------------------------------------------
 
     @classmethod

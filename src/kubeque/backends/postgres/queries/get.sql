@@ -1,0 +1,1 @@
+SELECT * FROM {schema}.tasks WHERE id = %(id)s

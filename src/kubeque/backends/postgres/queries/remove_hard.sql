@@ -1,0 +1,1 @@
+DELETE FROM {schema}.tasks WHERE id = %(id)s RETURNING id
