@@ -17,13 +17,14 @@ process changed; the document is ordinary JSON)::
     {"id":"b","handler":"h",...}
     ]}
 
-A file that exists but is not this format raises BackendError and is never
-overwritten. Times come from this machine's clock, which all processes share.
+A file that exists but is not this format (an empty file included) raises
+BackendError and is never overwritten. Times come from this machine's clock, which all processes share.
 """
 
 from __future__ import annotations
 
 import asyncio
+import glob
 import json
 import os
 import re
@@ -236,7 +237,7 @@ class FileRepository:
 
     def _prepare(self, table: TaskTable) -> None:
         # We hold the lock and every writer holds it while its temp file exists: leftovers are from crashes.
-        for leftover in self.path.parent.glob(f".{self.path.name}.*{_TMP_SUFFIX}"):
+        for leftover in self.path.parent.glob(f".{glob.escape(self.path.name)}.*{_TMP_SUFFIX}"):
             with suppress(OSError):
                 leftover.unlink()
         if self._data is None:

@@ -14,7 +14,7 @@ import json
 import logging
 import re
 from collections.abc import AsyncIterator, Collection, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from datetime import UTC, datetime, timedelta
 from importlib import resources
 from typing import Any
@@ -67,6 +67,8 @@ _INT_FIELDS = frozenset(
     {"max_retries", "max_processing_time", "retry_count", "priority", "attempt", "retry_backoff_ms", "seq"}
 )
 _JSON_FIELDS = frozenset({"payload", "log", "result", "extra"})
+# The manager also resets retry_count when it retries a finished task.
+_UPDATE_FIELDS = UPDATABLE_FIELDS | {"status", "retry_count"}
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 # Bounds on the work one script call does, so no call blocks the server for long.
@@ -151,8 +153,10 @@ class RedisRepository:
         self.prefix = f"kubeque:{queue}:"
         self._client: aioredis.Redis | None = None
         self._scripts: dict[str, AsyncScript] = {}
-        self._pubsub: PubSub | None = None
         self._open_lock = asyncio.Lock()
+        self._listener: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._subscribed = asyncio.Event()
 
     def __repr__(self) -> str:
         return f"RedisRepository(url={_safe_url(self.url)!r}, queue={self.queue!r})"
@@ -204,8 +208,12 @@ class RedisRepository:
             self._scripts = scripts
 
     async def close(self) -> None:
-        """Drop the wakeup subscription and every pooled connection."""
-        await self._drop_subscription()
+        """Stop the wakeup listener and drop every pooled connection."""
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.cancel()
+            await asyncio.gather(listener, return_exceptions=True)
+        self._wake, self._subscribed = asyncio.Event(), asyncio.Event()
         client, self._client = self._client, None
         self._scripts = {}
         if client is not None:
@@ -234,9 +242,7 @@ class RedisRepository:
     async def add(self, tasks: Sequence[NewTask], *, connection: Any = None) -> list[Task]:
         """Store all or none; DuplicateTaskError if any id exists or repeats."""
         if connection is not None:
-            raise TypeError(
-                "the redis backend has no connections to join; transactional enqueue needs postgres"
-            )
+            raise TypeError("the redis backend has no connections to join; transactional enqueue needs postgres")
         seen: set[str] = set()
         for n in tasks:
             if n.id in seen:
@@ -313,7 +319,7 @@ class RedisRepository:
             int(f.attempt),
             json.dumps(f.outcome, ensure_ascii=False),
             json.dumps(f.error, ensure_ascii=False),
-            max(0, int(f.retry_delay_ms)),
+            int(f.retry_delay_ms),
             int(f.only_if_expired),
             int(f.final),
         ]
@@ -358,10 +364,10 @@ class RedisRepository:
         return out
 
     async def update(self, task_id: str, fields: Mapping[str, Any]) -> Task:
-        """Change UPDATABLE_FIELDS (and ``status``) of a task; TaskNotFoundError if absent."""
-        unknown = set(fields) - UPDATABLE_FIELDS - {"status"}
+        """Change UPDATABLE_FIELDS (and ``status``, ``retry_count``) of a task; TaskNotFoundError if absent."""
+        unknown = set(fields) - _UPDATE_FIELDS
         if unknown:
-            raise ValueError(f"cannot update {sorted(unknown)}: only {sorted(UPDATABLE_FIELDS)} and status")
+            raise ValueError(f"cannot update {sorted(unknown)}: only {sorted(_UPDATE_FIELDS)}")
         # Check the values as the memory store does, before anything is written.
         checked = Task.model_validate({**_TEMPLATE, **fields})
         status = "" if "status" not in fields else checked.status.value
@@ -371,7 +377,7 @@ class RedisRepository:
         for name in ("payload", "extra"):
             if name in fields:
                 pairs += [name, encode_json(getattr(checked, name), what=name)]
-        for name in ("priority", "max_retries", "max_processing_time", "retry_backoff_ms"):
+        for name in ("priority", "max_retries", "max_processing_time", "retry_backoff_ms", "retry_count"):
             if name in fields:
                 pairs += [name, str(getattr(checked, name))]
         args: list[str | int] = [task_id, status, run_us, run_iso, pk, len(pairs) // 2, *pairs]
@@ -408,63 +414,58 @@ class RedisRepository:
     # --- wakeups -------------------------------------------------------------
 
     async def wait_for_work(self, timeout: float) -> None:
-        """Return when add, retry, release or update publish on the queue's wake
-        channel, when the first delayed task comes due, or after ``timeout`` s."""
+        """Return when add, retry, release or update announce work on the queue's
+        wake channel, when the first delayed task comes due, or after ``timeout`` s.
+
+        A background task holds the subscription and sets an event, so waits may
+        be cancelled (the worker does so whenever a slot frees) at no cost.
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, timeout)
+        if self._listener is None or self._listener.done():
+            self._listener = asyncio.create_task(self._listen(), name=f"kubeque-redis-wake-{self.queue}")
         try:
-            fresh = self._pubsub is None
-            pubsub = await self._subscription()
-            if await self._drain(pubsub):
-                return
-            ready, due_in_us = await self._run("wake_hint", [], "check for due work")
-            if fresh and int(ready) > 0:
-                return  # work may have been added before we subscribed
+            if not self._subscribed.is_set():
+                # Wait for the first subscription, so no announcement falls in the gap.
+                with suppress(TimeoutError):
+                    await asyncio.wait_for(self._subscribed.wait(), max(0.0, deadline - loop.time()))
+            _, due_in_us = await self._run("wake_hint", [], "check for due work")
             if int(due_in_us) >= 0:
                 deadline = min(deadline, loop.time() + int(due_in_us) / 1_000_000)
-            while (left := deadline - loop.time()) > 0:
-                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=left)
-                if message is not None:
-                    await self._drain(pubsub)
-                    return
-        except asyncio.CancelledError:
-            # A read cut short leaves the subscription unsure; start afresh next time.
-            await self._drop_subscription()
-            raise
-        except (RedisError, BackendError, OSError) as exc:
-            # Fall back to polling: the caller's next dequeue reports a dead server.
-            log.warning("wakeup channel for queue %s failed, polling instead: %s", self.queue, exc)
-            await self._drop_subscription()
-            left = deadline - loop.time()
-            if left > 0:
-                await asyncio.sleep(left)
+        except BackendError as exc:
+            log.debug("wait_for_work on queue %s without a due-time hint: %s", self.queue, exc)
+        if not self._wake.is_set():
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), max(0.0, deadline - loop.time()))
+        self._wake.clear()
 
-    async def _subscription(self) -> PubSub:
-        if self._pubsub is None:
-            if self._client is None:
-                await self.open()
-            assert self._client is not None
-            pubsub = self._client.pubsub()
+    async def _listen(self) -> None:
+        """Keep a subscription to the wake channel and turn its messages into ``_wake``."""
+        failures = 0
+        while True:
+            pubsub: PubSub | None = None
             try:
+                if self._client is None:
+                    await self.open()
+                assert self._client is not None
+                pubsub = self._client.pubsub()
                 await pubsub.subscribe(f"{self.prefix}wake")
-            except BaseException:
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
-                raise
-            self._pubsub = pubsub
-        return self._pubsub
-
-    @staticmethod
-    async def _drain(pubsub: PubSub) -> bool:
-        """Consume wakeups already received; True if there were any."""
-        woken = False
-        while (message := await pubsub.get_message(ignore_subscribe_messages=True, timeout=0)) is not None:
-            woken = woken or message.get("type") == "message"
-        return woken
-
-    async def _drop_subscription(self) -> None:
-        pubsub, self._pubsub = self._pubsub, None
-        if pubsub is not None:
-            try:
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
-            except RedisError as exc:
-                log.debug("closing wakeup subscription for queue %s: %s", self.queue, exc)
+                # Work announced while we were not subscribed reached nobody: look for it.
+                ready, _ = await self._run("wake_hint", [], "check for due work")
+                if int(ready) > 0:
+                    self._wake.set()
+                self._subscribed.set()
+                failures = 0
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
+                    if message is not None and message.get("type") == "message":
+                        self._wake.set()
+            except Exception as exc:  # the listener must outlive any one failure
+                failures += 1
+                level = logging.WARNING if failures == 1 else logging.DEBUG
+                log.log(level, "wakeups for queue %s lost (%s); waits poll until they are back", self.queue, exc)
+                await asyncio.sleep(min(5.0, 0.1 * 2**failures))
+            finally:
+                if pubsub is not None:
+                    with suppress(RedisError, OSError):
+                        await pubsub.aclose()  # type: ignore[no-untyped-call]

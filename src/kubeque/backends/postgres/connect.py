@@ -25,7 +25,10 @@ def connect_kwargs(dsn: str, application_name: str, *, keepalives: bool = False)
     try:
         params = conninfo_to_dict(dsn)
     except psycopg.Error as exc:
-        raise BackendError(f"the PostgreSQL DSN is not valid: {exc}; expected postgresql://user@host:port/db") from exc
+        detail = " ".join(str(exc).split())
+        raise BackendError(
+            f"the PostgreSQL DSN is not valid: {detail}; expected postgresql://user@host:port/db"
+        ) from exc
     kwargs: dict[str, Any] = {
         "application_name": application_name[:63],
         "options": f"{params.get('options') or ''} -c TimeZone=UTC".strip(),
@@ -55,7 +58,7 @@ def describe(dsn: str) -> str:
 def backend_error(exc: BaseException, dsn: str, schema: str, doing: str) -> BackendError:
     """A BackendError (or SchemaMissingError) that says what failed and what to do."""
     where = describe(dsn)
-    detail = str(exc).strip() or type(exc).__name__
+    detail = " ".join(str(exc).split()) or type(exc).__name__  # libpq messages span lines
     if isinstance(exc, pg_errors.UndefinedTable | pg_errors.InvalidSchemaName | pg_errors.UndefinedFunction):
         return SchemaMissingError(
             f"the queue schema {schema!r} at {where} is missing or not migrated ({detail}); "

@@ -1,12 +1,12 @@
 -- Store a batch of new tasks, all or none.
--- ARGV: prefix, n, then per task 11 values:
+-- ARGV: prefix, n, then per task 12 values:
 --   id, handler, payload json, extra json, priority, priority sort key,
 --   max_retries, max_processing_time, retry_backoff_ms,
 --   run_at µs or '' (then now + delay_ms), run_at ISO or '', delay_ms
 -- Returns {'dup', id} when an id exists or repeats, else {'ok', task, task, ...}
 -- where each task is its hash as a flat field/value list.
 local n = tonumber(ARGV[2])
-local W = 11
+local W = 12
 local seen = {}
 for i = 0, n - 1 do
   local id = ARGV[3 + i * W]

@@ -1,4 +1,5 @@
--- Change only the fields present in the "fields" object. Making a task that is not
+-- Change only the fields present in the "fields" object (the updatable ones,
+-- plus status and retry_count for a manual retry). Making a task that is not
 -- pending pending again (a manual retry) makes it due now unless run_at is
 -- given, and drops any worker's claim on it.
 WITH f AS (
@@ -17,6 +18,8 @@ changed AS (
                                 THEN (f.v ->> 'retry_backoff_ms')::bigint ELSE t.retry_backoff_ms END,
         extra = CASE WHEN f.v ? 'extra' THEN f.v -> 'extra' ELSE t.extra END,
         status = CASE WHEN f.v ? 'status' THEN f.v ->> 'status' ELSE t.status END,
+        retry_count = CASE WHEN f.v ? 'retry_count'
+                           THEN (f.v ->> 'retry_count')::integer ELSE t.retry_count END,
         run_at = CASE WHEN f.v ? 'run_at' THEN (f.v ->> 'run_at')::timestamptz
                       WHEN f.v ->> 'status' = 'pending' AND t.status <> 'pending' THEN now()
                       ELSE t.run_at END,

@@ -1,0 +1,1 @@
+"""Benchmarks for kubeque, run by `make bench` (never by the test suite)."""

@@ -1,0 +1,1 @@
+"""The application that ``kubeque demo`` runs: a QueueManager and its handlers in ``demo_app.tasks``."""

@@ -1,0 +1,316 @@
+"""The long-running worker process behind ``kubeque worker``.
+
+Loads the application's QueueManager, points it at the store, runs a worker
+until SIGTERM or SIGINT, serves metrics and probes, and shuts down the way a
+Kubernetes pod should: stop taking at once, let running tasks finish within
+the grace period, return the rest to pending without spending an attempt,
+flush completions, exit 0. A second signal exits at once; whatever was running
+then is reclaimed by another worker when its lease runs out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import disable_created_metrics
+
+from ..errors import ConfigError
+from ..events import TaskEvent
+from ..manager import QueueManager
+from .health import Health, HealthServer
+from .metrics import Metrics
+from .runtime import Worker
+
+logger = logging.getLogger("kubeque.process")
+
+DEFAULT_SCHEMA = "kubeque"
+DEFAULT_APPLICATION_NAME = "kubeque-worker"
+#: Exit status after a second signal cut the drain short (128 + SIGTERM, as a shell reports it).
+FORCED_EXIT_CODE = 128 + signal.SIGTERM
+
+
+def load_app(spec: str) -> QueueManager:
+    """Import ``module.path:attribute`` and return the QueueManager it names.
+
+    The current directory is importable, as with ``python -m``, so ``--app
+    myapp.tasks:queue`` works from the project root. Every failure is a
+    one-line :class:`ConfigError`.
+    """
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(f"--app must look like 'package.module:queue', not {spec!r}")
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            raise ConfigError(
+                f"cannot import {module_name!r} for --app {spec}: no module named {exc.name!r} "
+                "(run from the project root or set PYTHONPATH)"
+            ) from None
+        raise ConfigError(f"importing {module_name!r} for --app {spec} failed: {exc}") from None
+    except Exception as exc:
+        raise ConfigError(f"importing {module_name!r} for --app {spec} failed: {type(exc).__name__}: {exc}") from None
+    value: Any = module
+    for part in attr.split("."):
+        try:
+            value = getattr(value, part)
+        except AttributeError:
+            raise ConfigError(f"module {module_name!r} has no attribute {attr!r} (--app {spec})") from None
+    if not isinstance(value, QueueManager):
+        raise ConfigError(f"--app {spec} names a {type(value).__name__}, not a kubeque QueueManager")
+    return value
+
+
+def postgres_backend(
+    dsn: str, schema: str | None = None, *, application_name: str = DEFAULT_APPLICATION_NAME, **options: Any
+) -> dict[str, Any]:
+    """The backend config the CLI gives ``configure_backend`` for a DSN."""
+    return {
+        "type": "postgres",
+        "dsn": dsn,
+        "schema": schema or DEFAULT_SCHEMA,
+        "application_name": application_name,
+        **options,
+    }
+
+
+@dataclass
+class WorkerOptions:
+    """What ``kubeque worker`` was asked to do."""
+
+    app: str
+    dsn: str | None = None
+    schema: str | None = None
+    concurrency: int = 1
+    grace: float = 30.0
+    metrics_port: int = 0
+    metrics_host: str = "0.0.0.0"
+    lease_ms: int | None = None
+    poll_interval: float | None = None
+    stats_interval: float = 5.0
+    summary_interval: float = 60.0
+    application_name: str = DEFAULT_APPLICATION_NAME
+    worker_id: str | None = None
+
+
+class WorkerProcess:
+    """One worker run: build it with options, ``await run()``, get an exit status."""
+
+    def __init__(self, options: WorkerOptions, queue: QueueManager | None = None) -> None:
+        if options.concurrency < 1:
+            raise ConfigError(f"--concurrency must be >= 1, not {options.concurrency}")
+        if options.grace < 0:
+            raise ConfigError(f"--grace must be >= 0 seconds, not {options.grace}")
+        if options.stats_interval <= 0:
+            raise ConfigError(f"--stats-interval must be > 0 seconds, not {options.stats_interval}")
+        self.options = options
+        self.queue = queue if queue is not None else load_app(options.app)
+        if options.dsn:
+            self.queue.configure_backend(
+                postgres_backend(options.dsn, options.schema, application_name=options.application_name)
+            )
+        elif options.schema:
+            raise ConfigError("--schema needs a PostgreSQL DSN: pass --dsn or set KUBEQUE_DSN")
+        self.health = Health(store_stale_after=max(30.0, 3 * options.stats_interval))
+        self.metrics: Metrics | None = None
+        self.server: HealthServer | None = None
+        self.worker: Worker | None = None
+        self._stop = asyncio.Event()
+        self._signals = 0
+        self._background: list[asyncio.Task[None]] = []
+
+    # --- signals -----------------------------------------------------------
+
+    def _on_signal(self, signum: int) -> None:
+        self._signals += 1
+        name = signal.Signals(signum).name
+        if self._signals > 1:
+            # The operator (or kubelet) insists: leave now. Leases expire and
+            # another worker reclaims what was running.
+            logger.warning("second %s: exiting at once; running tasks will be reclaimed when their leases expire", name)
+            _flush_logs()
+            os._exit(FORCED_EXIT_CODE)
+        logger.info("%s received: draining (grace %.0fs); send it again to exit at once", name, self.options.grace)
+        self.health.stopping = True
+        self._stop.set()
+
+    def _install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+
+    def _remove_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+    # --- run ---------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Run until signalled; return the process exit status."""
+        opts = self.options
+        self._install_signals()
+        try:
+            if opts.metrics_port:
+                # The *_created series double every counter's cardinality for little use.
+                disable_created_metrics()
+                self.metrics = Metrics(self.queue)
+                self.server = HealthServer(
+                    self.metrics.registry, self.health, host=opts.metrics_host, port=opts.metrics_port
+                ).start()
+                logger.info("serving /metrics, /healthz and /readyz on %s:%d", opts.metrics_host, self.server.port)
+                self._background.append(asyncio.create_task(self.health.run_beat(), name="kubeque-beat"))
+            _log_state_changes(self.queue)
+            worker_options: dict[str, Any] = {}
+            if opts.lease_ms is not None:
+                worker_options["lease_ms"] = opts.lease_ms
+            if opts.poll_interval is not None:
+                worker_options["poll_interval"] = opts.poll_interval
+            if opts.worker_id:
+                worker_options["worker_id"] = opts.worker_id
+            if self._stop.is_set():
+                return 0
+            self.worker = await self.queue.start_worker(opts.concurrency, **worker_options)
+            self.health.worker = self.worker
+            if self.metrics is not None:
+                self.metrics.attach(self.worker)
+                self._background.append(asyncio.create_task(self._observe(), name="kubeque-observe"))
+            self._background.append(asyncio.create_task(self._summarise(), name="kubeque-summary"))
+            return await self._serve(self.worker)
+        finally:
+            for task in self._background:
+                task.cancel()
+            await asyncio.gather(*self._background, return_exceptions=True)
+            if self.server is not None:
+                self.server.stop()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.queue.close(), 15)
+            self._remove_signals()
+
+    async def _serve(self, worker: Worker) -> int:
+        stop = asyncio.create_task(self._stop.wait())
+        ended = asyncio.create_task(worker.wait())
+        await asyncio.wait([stop, ended], return_when=asyncio.FIRST_COMPLETED)
+        if ended.done():
+            stop.cancel()
+            exc = ended.exception()
+            if exc is not None:
+                logger.error("worker stopped by a task error (crash_on_worker_error): %s: %s", type(exc).__name__, exc)
+                return 1
+            logger.error("worker stopped unexpectedly")
+            return 1
+        ended.cancel()
+        started = time.monotonic()
+        await self.queue.stop_worker(self.options.grace)
+        logger.info("drained in %.1fs", time.monotonic() - started)
+        return 0
+
+    async def _observe(self) -> None:
+        """Refresh the queue gauges and the store check every stats interval."""
+        assert self.metrics is not None
+        while True:
+            try:
+                await asyncio.wait_for(self.metrics.refresh(), max(5.0, self.options.stats_interval))
+                self.health.store_checked(None)
+            except Exception as exc:
+                self.health.store_checked(_one_line(exc))
+                logger.debug("store check failed: %s", _one_line(exc))
+            await asyncio.sleep(self.options.stats_interval)
+
+    async def _summarise(self) -> None:
+        """Log at info what was done since the last summary, when anything was."""
+        assert self.worker is not None
+        last = (0, 0, 0, 0)
+        while True:
+            await asyncio.sleep(self.options.summary_interval)
+            c = self.worker.counters
+            now = (c.completed, c.failed, c.retried, c.reclaimed)
+            if now != last:
+                logger.info(
+                    "last %.0fs: %d completed, %d failed, %d retried, %d reclaimed; %d running",
+                    self.options.summary_interval,
+                    now[0] - last[0],
+                    now[1] - last[1],
+                    now[2] - last[2],
+                    now[3] - last[3],
+                    self.worker.in_flight,
+                )
+                last = now
+
+
+def _log_state_changes(queue: QueueManager) -> None:
+    """One debug line per task state change; ids, names and outcomes, never payloads."""
+    task_log = logging.getLogger("kubeque.tasks")
+
+    def listener(event: TaskEvent) -> None:
+        if not task_log.isEnabledFor(logging.DEBUG):
+            return
+        task = event.task
+        fields: dict[str, Any] = {
+            "event": event.name,
+            "task_id": event.task_id,
+            "handler": task.handler if task else None,
+            "attempt": task.attempt if task else None,
+        }
+        if event.outcome:
+            fields["outcome"] = event.outcome
+        if event.duration_s is not None:
+            fields["duration_s"] = round(event.duration_s, 4)
+        if event.wait_s is not None:
+            fields["wait_s"] = round(event.wait_s, 4)
+        text = " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
+        if event.error:
+            text += f" error={event.error[:500]!r}"
+        task_log.debug("%s", text, extra=fields)
+
+    for name in ("task_started", "task_completed", "task_retried", "task_failed", "task_stuck"):
+        queue.on(name, listener)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text
+
+
+def _flush_logs() -> None:
+    for handler in logging.getLogger().handlers:
+        with contextlib.suppress(Exception):
+            handler.flush()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+
+
+def run_worker(options: WorkerOptions) -> int:
+    """Run the worker process to the end and return its exit status.
+
+    Handler threads cannot be interrupted; one still running after the grace
+    period (its task already returned to pending) must not hold the process
+    open, so the process then leaves without waiting for it.
+    """
+    process = WorkerProcess(options)
+    code = asyncio.run(process.run())
+    # Idle pool threads are exiting now; give them a moment before deciding.
+    deadline = time.monotonic() + 1.0
+    lingering = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    for t in lingering:
+        t.join(max(0.0, deadline - time.monotonic()))
+    lingering = [t for t in lingering if t.is_alive()]
+    if lingering:
+        logger.info("leaving %d handler threads still running; their tasks were returned to pending", len(lingering))
+        _flush_logs()
+        os._exit(code)
+    return code

@@ -1,0 +1,1 @@
+"""Small importable applications that tests run in real worker processes."""
