@@ -398,13 +398,7 @@ async def test_listener_killed_by_the_server_is_reestablished(
     await repo.wait_for_work(0)
     waiter = asyncio.create_task(repo.wait_for_work(10))
     await asyncio.sleep(0.1)
-    killed = await run_sql(
-        pg_dsn,
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
-        pg_schema,
-        (f"kq-{pg_schema}-listen",),
-    )
-    assert killed == [(True,)]
+    await kill_listener(pg_dsn, pg_schema)
     await asyncio.wait_for(waiter, 3)  # the loss is noticed: return so the caller polls
 
     waiter = asyncio.create_task(repo.wait_for_work(10))
@@ -413,6 +407,61 @@ async def test_listener_killed_by_the_server_is_reestablished(
     await repo.add([new()])
     await asyncio.wait_for(waiter, 2)
     assert time.monotonic() - start < 1
+
+
+async def kill_listener(dsn: str, schema: str) -> None:
+    killed = await run_sql(
+        dsn,
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+        schema,
+        (f"kq-{schema}-listen",),
+    )
+    assert killed == [(True,)]
+
+
+async def test_listener_killed_while_idle_is_noticed_by_the_next_wait(
+    repo: PostgresRepository, pg_dsn: str, pg_schema: str
+) -> None:
+    await repo.wait_for_work(0)
+    await kill_listener(pg_dsn, pg_schema)
+    await asyncio.sleep(0.05)
+    start = time.monotonic()
+    await repo.wait_for_work(10)
+    assert time.monotonic() - start < 3
+    waiter = asyncio.create_task(repo.wait_for_work(10))
+    await asyncio.sleep(0.1)
+    await repo.add([new()])
+    await asyncio.wait_for(waiter, 2)
+
+
+async def test_cancelled_waits_leave_the_listener_working(repo: PostgresRepository) -> None:
+    await repo.wait_for_work(0)
+    for _ in range(3):
+        waiter = asyncio.create_task(repo.wait_for_work(10))
+        await asyncio.sleep(0.02)
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+    waiter = asyncio.create_task(repo.wait_for_work(10))
+    await asyncio.sleep(0.1)
+    await repo.add([new()])
+    await asyncio.wait_for(waiter, 2)
+
+
+async def test_close_ends_a_wait(repo: PostgresRepository) -> None:
+    await repo.wait_for_work(0)
+    waiter = asyncio.create_task(repo.wait_for_work(10))
+    await asyncio.sleep(0.1)
+    await repo.close()
+    await asyncio.wait_for(waiter, 2)
+
+
+async def test_without_a_listener_waiting_falls_back_to_polling() -> None:
+    r = PostgresRepository("postgresql://postgres@127.0.0.1:1/test", "q")
+    for _ in range(2):
+        start = time.monotonic()
+        await r.wait_for_work(0.2)  # no error: the caller simply polls
+        assert 0.15 < time.monotonic() - start < 2
 
 
 # --- housekeeping --------------------------------------------------------------------
@@ -466,3 +515,16 @@ async def test_a_repository_reopens_on_a_new_event_loop(pg_dsn: str, pg_schema: 
     assert await asyncio.to_thread(use_on_fresh_loop, "a") == ["a"]
     assert await asyncio.to_thread(use_on_fresh_loop, "b") == ["a", "b"]
     await r.close()
+
+
+async def test_only_one_process_holds_a_chore_lock(pg_dsn: str, pg_schema: str) -> None:
+    a, b = PostgresRepository(pg_dsn, pg_schema), PostgresRepository(pg_dsn, pg_schema)
+    try:
+        async with a.exclusive("reclaim") as first:
+            async with b.exclusive("reclaim") as second, b.exclusive("prune") as other_chore:
+                assert (first, second, other_chore) == (True, False, True)
+        async with b.exclusive("reclaim") as after:
+            assert after is True
+    finally:
+        await a.close()
+        await b.close()

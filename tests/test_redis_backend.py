@@ -190,9 +190,9 @@ async def test_dequeue_orders_by_priority_then_run_at_then_batch_order(repo: Red
 
 
 async def test_delayed_task_is_not_taken_before_run_at(repo: RedisRepository) -> None:
-    await repo.add([new("later", delay_ms=300, priority=9), new("now")])
+    await repo.add([new("later", delay_ms=400, priority=9), new("now")])
     assert [t.id for t in await repo.dequeue("w", 10, 60_000)] == ["now"]
-    await asyncio.sleep(0.35)
+    await asyncio.sleep(0.45)
     assert [t.id for t in await repo.dequeue("w", 10, 60_000)] == ["later"]
 
 
@@ -265,12 +265,12 @@ async def test_fail_retries_until_max_retries_then_fails(repo: RedisRepository) 
 async def test_retry_waits_for_its_delay(repo: RedisRepository) -> None:
     await repo.add([new(1)])
     t = await take_one(repo)
-    assert await repo.fail(Failure(t.id, t.attempt, "e", retry_delay_ms=250)) is FailOutcome.RETRIED
+    assert await repo.fail(Failure(t.id, t.attempt, "e", retry_delay_ms=400)) is FailOutcome.RETRIED
     again = await repo.get("1")
     assert again is not None and again.status is TaskStatus.PENDING and again.retry_count == 1
-    assert again.run_at == again.updated_at + timedelta(milliseconds=250)
+    assert again.run_at == again.updated_at + timedelta(milliseconds=400)
     assert await repo.dequeue("w", 1, 1000) == []
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(0.45)
     assert (await take_one(repo)).attempt == 2
 
 
@@ -285,9 +285,9 @@ async def test_final_failure_does_not_retry(repo: RedisRepository) -> None:
 
 async def test_fail_only_if_expired_waits_for_the_lease(repo: RedisRepository) -> None:
     await repo.add([new(1)])
-    t = await take_one(repo, lease_ms=200)
+    t = await take_one(repo, lease_ms=400)
     assert await repo.fail(Failure(t.id, t.attempt, "lost", 0, outcome="lost", only_if_expired=True)) is None
-    await asyncio.sleep(0.25)
+    await asyncio.sleep(0.45)
     outcome = await repo.fail(Failure(t.id, t.attempt, "lost", 0, outcome="lost", only_if_expired=True))
     assert outcome is FailOutcome.RETRIED
 
@@ -390,11 +390,11 @@ async def test_update_changes_fields_and_reorders(repo: RedisRepository) -> None
 
 async def test_update_run_at_into_the_future_delays_a_pending_task(repo: RedisRepository) -> None:
     await repo.add([new(1)])
-    later = await repo.now() + timedelta(milliseconds=250)
+    later = await repo.now() + timedelta(milliseconds=400)
     got = await repo.update("1", {"run_at": later})
     assert got.run_at == later
     assert await repo.dequeue("w", 1, 1000) == []
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(0.45)
     assert (await take_one(repo)).id == "1"
 
 

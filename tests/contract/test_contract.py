@@ -638,3 +638,19 @@ async def test_sync_facade_adds_and_reads(store_factory: StoreFactory) -> None:
     got = await asyncio.to_thread(qm.sync.get_task, t.id)
     assert got is not None and got.payload == {"from": "flask"}
     await asyncio.to_thread(qm.sync.close)
+
+
+async def test_worker_prunes_finished_tasks_past_retention(store_factory: StoreFactory) -> None:
+    qm = QueueManager(store_factory(), retention=0, prune_interval=0.05, **FAST)  # type: ignore[arg-type]
+    qm.register("h", lambda p: None)
+    pending = await qm.add_task("h", {}, delay=3600)
+    await qm.add_tasks([{"handler": "h"} for _ in range(5)])
+    await qm.start_worker(2)
+    try:
+        for _ in range(200):
+            if [t.id for t in await qm.get_all_tasks()] == [pending.id]:  # type: ignore[union-attr]
+                break
+            await asyncio.sleep(0.05)
+        assert [t.id for t in await qm.get_all_tasks()] == [pending.id]  # type: ignore[union-attr]
+    finally:
+        await qm.close()

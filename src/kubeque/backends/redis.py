@@ -213,7 +213,8 @@ class RedisRepository:
         if listener is not None:
             listener.cancel()
             await asyncio.gather(listener, return_exceptions=True)
-        self._wake, self._subscribed = asyncio.Event(), asyncio.Event()
+        # Fresh primitives: a reopened store may run on another event loop.
+        self._wake, self._subscribed, self._open_lock = asyncio.Event(), asyncio.Event(), asyncio.Lock()
         client, self._client = self._client, None
         self._scripts = {}
         if client is not None:
@@ -222,19 +223,23 @@ class RedisRepository:
             except RedisError as exc:  # closing a dead connection must not fail shutdown
                 log.debug("closing Redis client for queue %s: %s", self.queue, exc)
 
-    async def _run(self, script: str, args: Sequence[str | int], what: str) -> Any:
+    async def _connected(self) -> aioredis.Redis:
+        """The client, opening the store first if nobody has (methods need no explicit open)."""
         if self._client is None:
             await self.open()
+        assert self._client is not None
+        return self._client
+
+    async def _run(self, script: str, args: Sequence[str | int], what: str) -> Any:
+        await self._connected()
         async with self._talking(what):
             return await self._scripts[script](args=[self.prefix, *args])
 
     async def now(self) -> datetime:
         """The Redis server's clock (TIME), timezone-aware UTC."""
-        if self._client is None:
-            await self.open()
-        assert self._client is not None
+        client = await self._connected()
         async with self._talking("read the server time"):
-            seconds, micros = await self._client.time()
+            seconds, micros = await client.time()
         return _EPOCH + timedelta(seconds=int(seconds), microseconds=int(micros))
 
     # --- tasks ---------------------------------------------------------------
@@ -342,11 +347,9 @@ class RedisRepository:
 
     async def get(self, task_id: str) -> Task | None:
         """The task with that id, or None."""
-        if self._client is None:
-            await self.open()
-        assert self._client is not None
+        client = await self._connected()
         async with self._talking("read a task"):
-            fields = await self._client.hgetall(f"{self.prefix}task:{task_id}")
+            fields = await client.hgetall(f"{self.prefix}task:{task_id}")
         if not fields:
             return None
         return _task([str(x) for kv in fields.items() for x in kv])
@@ -429,7 +432,8 @@ class RedisRepository:
                 # Wait for the first subscription, so no announcement falls in the gap.
                 with suppress(TimeoutError):
                     await asyncio.wait_for(self._subscribed.wait(), max(0.0, deadline - loop.time()))
-            _, due_in_us = await self._run("wake_hint", [], "check for due work")
+            # Shielded: a wait cancelled mid-call would otherwise cost the pooled connection.
+            _, due_in_us = await asyncio.shield(self._run("wake_hint", [], "check for due work"))
             if int(due_in_us) >= 0:
                 deadline = min(deadline, loop.time() + int(due_in_us) / 1_000_000)
         except BackendError as exc:
@@ -445,10 +449,7 @@ class RedisRepository:
         while True:
             pubsub: PubSub | None = None
             try:
-                if self._client is None:
-                    await self.open()
-                assert self._client is not None
-                pubsub = self._client.pubsub()
+                pubsub = (await self._connected()).pubsub()
                 await pubsub.subscribe(f"{self.prefix}wake")
                 # Work announced while we were not subscribed reached nobody: look for it.
                 ready, _ = await self._run("wake_hint", [], "check for due work")

@@ -75,7 +75,11 @@ class LiveProgress:
             (f"{snap.finished}/{snap.total} done", "bold"),
             f"   added {snap.added}/{snap.total}",
         )
-        bar = ProgressBar(total=max(1, snap.total), completed=snap.finished, width=60)
+        bar = Table.grid(padding=(0, 1))
+        bar.add_row(
+            ProgressBar(total=max(1, snap.total), completed=snap.finished, width=60),
+            f"{100 * snap.finished / max(1, snap.total):3.0f}%",
+        )
         table = Table(box=None, padding=(0, 2), show_edge=False)
         for col in ("pending", "in flight", "completed", "failed", "throughput", "workers"):
             table.add_column(col, justify="right")

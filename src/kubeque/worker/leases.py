@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from ..backends.base import Repository
 from ..task import FailOutcome, Failure, Lease, Task, backoff_ms
+from .chores import only_one
 
 
 class LeaseKeeper:
@@ -77,6 +78,10 @@ class Reclaimer:
         self._batch = batch
 
     async def reclaim_once(self) -> int:
+        async with only_one(self._repo, "reclaim") as mine:
+            return await self._reclaim() if mine else 0
+
+    async def _reclaim(self) -> int:
         count = 0
         for task in await self._repo.expired(self._batch):
             error = f"lease expired: worker {task.worker} stopped renewing it (crashed or cut off)"

@@ -166,7 +166,7 @@ class WorkerProcess:
         try:
             if opts.metrics_port:
                 # The *_created series double every counter's cardinality for little use.
-                disable_created_metrics()
+                disable_created_metrics()  # type: ignore[no-untyped-call]
                 self.metrics = Metrics(self.queue)
                 self.server = HealthServer(
                     self.metrics.registry, self.health, host=opts.metrics_host, port=opts.metrics_port
@@ -203,20 +203,35 @@ class WorkerProcess:
     async def _serve(self, worker: Worker) -> int:
         stop = asyncio.create_task(self._stop.wait())
         ended = asyncio.create_task(worker.wait())
-        await asyncio.wait([stop, ended], return_when=asyncio.FIRST_COMPLETED)
-        if ended.done():
-            stop.cancel()
+        broken = asyncio.create_task(self._watch(worker))
+        waits = [stop, ended, broken]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
+        if ended.done() and not ended.cancelled():
             exc = ended.exception()
             if exc is not None:
                 logger.error("worker stopped by a task error (crash_on_worker_error): %s: %s", type(exc).__name__, exc)
-                return 1
-            logger.error("worker stopped unexpectedly")
+            else:
+                logger.error("worker stopped unexpectedly")
             return 1
-        ended.cancel()
         started = time.monotonic()
         await self.queue.stop_worker(self.options.grace)
-        logger.info("drained in %.1fs", time.monotonic() - started)
-        return 0
+        if stop.done() and not stop.cancelled():
+            logger.info("drained in %.1fs", time.monotonic() - started)
+            return 0
+        return 1
+
+    async def _watch(self, worker: Worker) -> None:
+        """Return if one of the worker's loops dies: the process then drains and exits 1."""
+        while worker.dead_loop is None:
+            await asyncio.sleep(1.0)
+        logger.error(
+            "worker loop %s stopped unexpectedly; draining and exiting so the process restarts", worker.dead_loop
+        )
 
     async def _observe(self) -> None:
         """Refresh the queue gauges and the store check every stats interval."""

@@ -27,6 +27,7 @@ from ..events import TaskEvent
 from ..task import Completion, FailOutcome, Failure, Lease, Task, backoff_ms, encode_json, sanitise_error
 from .completions import CompletionBatcher
 from .leases import LeaseKeeper, Reclaimer
+from .pruner import Pruner
 
 if TYPE_CHECKING:
     from ..manager import QueueManager
@@ -91,6 +92,11 @@ class Worker:
             if reclaim
             else None
         )
+        self._pruner = (
+            Pruner(manager, manager.retention_ms, manager.prune_interval, self.logger)
+            if manager.retention_ms is not None
+            else None
+        )
         self._loops: list[asyncio.Task[None]] = []
         self._done = asyncio.Event()
 
@@ -104,6 +110,13 @@ class Worker:
     def free_slots(self) -> int:
         return self.concurrency - len(self._in_flight)
 
+    @property
+    def dead_loop(self) -> str | None:
+        """The name of a background loop that ended while not stopping (a bug; for liveness probes), else None."""
+        if self._stopping.is_set():
+            return None
+        return next((t.get_name() for t in self._loops if t.done()), None)
+
     async def start(self) -> None:
         self.running = True
         self._completions.start()
@@ -113,6 +126,8 @@ class Worker:
         ]
         if self._reclaimer is not None:
             self._loops.append(asyncio.create_task(self._reclaimer.run(), name="kubeque-reclaim"))
+        if self._pruner is not None:
+            self._loops.append(asyncio.create_task(self._pruner.run(), name="kubeque-prune"))
         self.logger.info("worker %s started with %d slots", self.id, self.concurrency)
 
     async def wait(self) -> None:

@@ -169,7 +169,9 @@ class PostgresRepository:
                 await pool.open(wait=True, timeout=_POOL_TIMEOUT_S)
             except (PoolTimeout, psycopg.Error) as exc:
                 await pool.close()
-                raise BackendError(f"could not open connections to PostgreSQL at {describe(self.dsn)}: {exc}") from exc
+                raise BackendError(
+                    f"could not open connections to PostgreSQL at {describe(self.dsn)}: {_one_line(exc)}"
+                ) from exc
             self._pool, self._loop = pool, loop
 
     def _forget_other_loop(self) -> None:
@@ -433,6 +435,22 @@ class PostgresRepository:
             )
             return max(0, cur.rowcount)
 
+    @asynccontextmanager
+    async def exclusive(self, chore: str) -> AsyncIterator[bool]:
+        """Hold this queue's lock for ``chore`` while the block runs; yield False
+        (and hold nothing) when another process has it. A crashed holder's
+        session ends and frees the lock."""
+        key = f"kubeque:{self.schema}:{chore}"
+        async with self._connection(f"take the {chore} lock") as conn:
+            cur = await conn.execute(query("try_lock", self.schema), {"key": key})
+            row = await cur.fetchone()
+            locked = bool(row and row["locked"])
+            try:
+                yield locked
+            finally:
+                if locked:
+                    await conn.execute(query("unlock", self.schema), {"key": key})
+
     # --- wakeups -------------------------------------------------------------
 
     async def wait_for_work(self, timeout: float) -> None:
@@ -451,7 +469,7 @@ class PostgresRepository:
             conn = self._listener if self._listener_loop is loop else None
             if conn is None or conn.closed:
                 lost = self._listener_lost
-                conn = None if time.monotonic() < self._listen_retry_at else await self._connect_listener()
+                conn = None if time.monotonic() < self._listen_retry_at else await self._connect_listener(generation)
                 if conn is None:
                     await _sleep_until(loop, deadline)
                     return
@@ -473,10 +491,10 @@ class PostgresRepository:
                     self._listener = self._listener_loop = None
                 self._listener_lost = True
                 await _close_quietly(conn)
-                if await self._connect_listener() is None:
+                if await self._connect_listener(generation) is None:
                     await _sleep_until(loop, deadline)
 
-    async def _connect_listener(self) -> psycopg.AsyncConnection[Any] | None:
+    async def _connect_listener(self, generation: int) -> psycopg.AsyncConnection[Any] | None:
         """Open a connection and LISTEN; on failure schedule the next try (bounded backoff) and return None."""
         try:
             conn = await psycopg.AsyncConnection.connect(
@@ -501,6 +519,9 @@ class PostgresRepository:
                 _one_line(exc),
                 delay,
             )
+            return None
+        if generation != self._generation:
+            await _close_quietly(conn)  # close() ran meanwhile; do not outlive it
             return None
         self._listener, self._listener_loop = conn, asyncio.get_running_loop()
         self._listen_failures = 0
