@@ -79,7 +79,7 @@ def test_every_command_has_help(command: list[str]) -> None:
     assert "Usage:" in ok(*command, "--help")
 
 
-def test_console_script_runs(pg_dsn: str) -> None:
+def test_console_script_runs() -> None:
     script = Path(sys.executable).with_name("kubeque")
     if not script.exists():
         pytest.skip("the kubeque console script is not installed beside this interpreter")

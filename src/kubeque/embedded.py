@@ -6,6 +6,7 @@ stopped when the process that started it exits.
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -13,11 +14,12 @@ from typing import Any
 from .errors import ConfigError
 
 _server: Any = None
+_tmp_parent: Path | None = None
 
 
 def start_embedded_postgres(data_dir: str | Path | None = None) -> str:
     """Start (or reuse, within this process) an embedded server; return its DSN."""
-    global _server
+    global _server, _tmp_parent
     if _server is not None:
         return str(_server.get_uri())
     try:
@@ -28,7 +30,8 @@ def start_embedded_postgres(data_dir: str | Path | None = None) -> str:
             "pip install 'kubeque[demo]' or pass --dsn / set KUBEQUE_DSN"
         ) from None
     if data_dir is None:
-        pgdata = Path(tempfile.mkdtemp(prefix="kubeque-pg-")) / "data"
+        _tmp_parent = Path(tempfile.mkdtemp(prefix="kubeque-pg-"))
+        pgdata = _tmp_parent / "data"
         _server = get_server(pgdata, cleanup_mode="delete")
     else:
         _server = get_server(Path(data_dir), cleanup_mode="stop")
@@ -36,10 +39,13 @@ def start_embedded_postgres(data_dir: str | Path | None = None) -> str:
 
 
 def stop_embedded_postgres() -> None:
-    global _server
+    global _server, _tmp_parent
     if _server is not None:
         _server.cleanup()
         _server = None
+    if _tmp_parent is not None:
+        shutil.rmtree(_tmp_parent, ignore_errors=True)
+        _tmp_parent = None
 
 
 def postgres_reachable(dsn: str, timeout: float = 3.0) -> bool:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import click
+import psycopg
 from rich.console import Console
 
 from ..errors import KubequeError
@@ -25,7 +26,7 @@ EXIT_INTERRUPTED = 130
 @click.option(
     "--workers",
     "-w",
-    type=click.IntRange(1, 64),
+    type=click.IntRange(1, 16),
     default=3,
     show_default=True,
     help="Worker processes (`kubeque worker` subprocesses).",
@@ -112,7 +113,7 @@ def demo(
     except KeyboardInterrupt:
         err.print("[yellow]interrupted: workers, SMTP server and store stopped[/]")
         sys.exit(EXIT_INTERRUPTED)
-    except KubequeError as exc:
+    except (KubequeError, psycopg.Error, OSError) as exc:
         raise click.ClickException(" ".join(str(exc).splitlines()[:1]) + _rest(exc)) from None
     if as_json:
         click.echo(json.dumps(summary, ensure_ascii=False))

@@ -162,10 +162,12 @@ def render_summary(console: Console, summary: dict[str, Any]) -> None:
     main.add_column(style="bold")
     main.add_column()
     main.add_row("tasks", f"{summary['tasks']} ({counts['completed']} completed, {counts['failed']} failed)")
-    main.add_row("workers", f"{run['workers']} processes x {run['concurrency']} slots, schema {run['schema']}")
+    workers = f"{run['workers']} processes x {run['concurrency']} slots, ready in {run['workers_ready_s']:.1f} s"
+    main.add_row("workers", workers)
+    main.add_row("schema", run["schema"] + (" (kept)" if run["schema_kept"] else " (dropped at the end)"))
     main.add_row("store", run["store"])
     main.add_row("total time", f"{summary['elapsed_s']:.2f} s")
-    main.add_row("throughput", f"{summary['throughput_per_s']} tasks/s")
+    main.add_row("throughput", f"{summary['throughput_per_s']:.0f} tasks/s")
     main.add_row("attempts", f"{summary['attempts']} ({summary['retries']} retries, {summary['timeouts']} timed out)")
     for label, key in (("queue wait", "wait_s"), ("run time", "run_s")):
         p = summary[key]

@@ -124,6 +124,13 @@ class WorkerProcess:
             )
         elif options.schema:
             raise ConfigError("--schema needs a PostgreSQL DSN: pass --dsn or set KUBEQUE_DSN")
+        if not self.queue.repository.multi_process:
+            logger.warning(
+                "the queue of --app %s uses the %s store, which no other process can reach: only tasks added "
+                "in this process will run; pass --dsn (or set KUBEQUE_DSN) to work on a PostgreSQL queue",
+                options.app,
+                self.queue.repository.name,
+            )
         self.health = Health(store_stale_after=max(30.0, 3 * options.stats_interval))
         self.metrics: Metrics | None = None
         self.server: HealthServer | None = None
