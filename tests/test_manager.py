@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC
 from typing import Any
 
 import pytest
@@ -75,9 +76,9 @@ async def test_bad_task_options_are_refused_clearly() -> None:
 
         await qm.add_task("h", {}, run_at=datetime(2030, 1, 1))
     with pytest.raises(ConfigError, match="run_at or delay"):
-        from datetime import datetime, timezone
+        from datetime import datetime
 
-        await qm.add_task("h", {}, run_at=datetime.now(timezone.utc), delay=1)
+        await qm.add_task("h", {}, run_at=datetime.now(UTC), delay=1)
     with pytest.raises(ConfigError, match="max_retries"):
         await qm.add_task("h", {}, max_retries=-1)
     assert await qm.get_all_tasks() == []

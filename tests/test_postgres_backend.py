@@ -520,9 +520,12 @@ async def test_a_repository_reopens_on_a_new_event_loop(pg_dsn: str, pg_schema: 
 async def test_only_one_process_holds_a_chore_lock(pg_dsn: str, pg_schema: str) -> None:
     a, b = PostgresRepository(pg_dsn, pg_schema), PostgresRepository(pg_dsn, pg_schema)
     try:
-        async with a.exclusive("reclaim") as first:
-            async with b.exclusive("reclaim") as second, b.exclusive("prune") as other_chore:
-                assert (first, second, other_chore) == (True, False, True)
+        async with (
+            a.exclusive("reclaim") as first,
+            b.exclusive("reclaim") as second,
+            b.exclusive("prune") as other_chore,
+        ):
+            assert (first, second, other_chore) == (True, False, True)
         async with b.exclusive("reclaim") as after:
             assert after is True
     finally:

@@ -6,6 +6,7 @@ stopped when the process that started it exits.
 
 from __future__ import annotations
 
+import atexit
 import shutil
 import tempfile
 from pathlib import Path
@@ -33,6 +34,7 @@ def start_embedded_postgres(data_dir: str | Path | None = None) -> str:
         _tmp_parent = Path(tempfile.mkdtemp(prefix="kubeque-pg-"))
         pgdata = _tmp_parent / "data"
         _server = get_server(pgdata, cleanup_mode="delete")
+        atexit.register(stop_embedded_postgres)
     else:
         _server = get_server(Path(data_dir), cleanup_mode="stop")
     return str(_server.get_uri())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import AsyncIterator, Callable
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -22,7 +22,7 @@ from kubeque import (
     TaskStatus,
     UnknownHandlerError,
 )
-from kubeque.task import Completion, Failure, FailOutcome, Lease
+from kubeque.task import Completion, FailOutcome, Failure, Lease
 
 from .conftest import StoreFactory
 
@@ -97,7 +97,7 @@ async def test_delayed_task_waits_for_run_at(make_qm: Callable[..., QueueManager
 
 async def test_run_at_in_the_past_runs_at_once(make_qm: Callable[..., QueueManager]) -> None:
     qm = make_qm(validate_handlers=False)
-    t = await qm.add_task("h", {}, run_at=datetime.now(timezone.utc) - timedelta(hours=1))
+    t = await qm.add_task("h", {}, run_at=datetime.now(UTC) - timedelta(hours=1))
     assert t is not None
     assert [x.id for x in await qm.repository.dequeue("w", 1, 30_000)] == [t.id]
 
@@ -376,7 +376,7 @@ BAD_PAYLOADS: list[tuple[str, Any]] = [
     ("negative infinity", {"x": [-math.inf]}),
     ("set", {"x": {1, 2}}),
     ("bytes", {"x": b"raw"}),
-    ("datetime", {"x": datetime.now(timezone.utc)}),
+    ("datetime", {"x": datetime.now(UTC)}),
     ("decimal", {"x": Decimal("1.5")}),
     ("object", {"x": object()}),
     ("int key", {1: "a"}),

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kubeque.backends import make_repository
-from kubeque.task import Completion, Failure, FailOutcome, Lease, NewTask, TaskStatus
+from kubeque.task import Completion, FailOutcome, Failure, Lease, NewTask, TaskStatus
 
 from .conftest import StoreFactory
 

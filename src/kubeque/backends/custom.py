@@ -62,24 +62,18 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping
 from contextlib import suppress
 from datetime import datetime
 from typing import Any, TypeVar
 
 from ..errors import BackendError, ConfigError, InvalidTaskError, KubequeError
 from ..task import (
-    Completion,
-    FailOutcome,
-    Failure,
-    Lease,
-    NewTask,
-    QueueStats,
     Task,
     TaskStatus,
     utcnow,
 )
-from .memory import TaskTable
+from .table import Op, TableRepository, TaskTable
 
 __all__ = ["CustomRepository", "claim_due"]
 
@@ -109,7 +103,7 @@ def claim_due(
     return [t.to_json_dict() for t in claimed]
 
 
-class CustomRepository:
+class CustomRepository(TableRepository):
     """A store made of the user's ``load_tasks``, ``save_tasks`` and ``dequeue`` callables."""
 
     name = "custom"
@@ -196,23 +190,7 @@ class CustomRepository:
         async with self._locked():
             await self._load()
 
-    async def close(self) -> None:
-        return None
-
-    async def now(self) -> datetime:
-        return utcnow()
-
     # --- the Repository operations ------------------------------------------------
-
-    async def add(self, tasks: Sequence[NewTask], *, connection: Any = None) -> list[Task]:
-        if connection is not None:
-            raise TypeError("the custom backend has no connections; transactional enqueue needs postgres")
-        new = list(tasks)
-        if not new:
-            return []
-        out = await self._apply(lambda t, now: t.add(new, now))
-        self._wake_up()
-        return out
 
     async def dequeue(
         self, worker: str, limit: int, lease_ms: int, handlers: Collection[str] | None = None
@@ -234,60 +212,14 @@ class CustomRepository:
         tasks.sort(key=lambda t: (-t.priority, t.run_at, t.seq))
         return tasks
 
-    async def heartbeat(self, worker: str, leases: Sequence[Lease], lease_ms: int) -> list[str]:
-        held = list(leases)
-        if not held:
-            return []
-        return await self._apply(lambda t, now: t.heartbeat(worker, held, lease_ms, now))
-
-    async def complete(self, done: Sequence[Completion]) -> list[str]:
-        items = list(done)
-        if not items:
-            return []
-        return await self._apply(lambda t, now: t.complete(items, now))
-
-    async def fail(self, failure: Failure) -> FailOutcome | None:
-        out = await self._apply(lambda t, now: t.fail(failure, now))
-        if out is FailOutcome.RETRIED:
-            self._wake_up()
-        return out
-
-    async def release(self, leases: Sequence[Lease]) -> list[str]:
-        held = list(leases)
-        if not held:
-            return []
-        out = await self._apply(lambda t, now: t.release(held, now))
-        if out:
-            self._wake_up()
-        return out
-
-    async def expired(self, limit: int) -> list[Task]:
-        return await self._apply(lambda t, now: t.expired(limit, now))
-
-    async def get(self, task_id: str) -> Task | None:
-        return await self._apply(lambda t, now: t.get(task_id))
-
-    async def list(self, status: TaskStatus | None = None, limit: int | None = None) -> list[Task]:
-        return await self._apply(lambda t, now: t.list(status, limit))
-
-    async def update(self, task_id: str, fields: Mapping[str, Any]) -> Task:
-        changes = dict(fields)
-        out = await self._apply(lambda t, now: t.update(task_id, changes, now))
-        self._wake_up()
-        return out
-
     async def remove(self, task_id: str, hard: bool) -> bool:
         if hard:
             self._need_delete("hard removal")
-        return await self._apply(lambda t, now: t.remove(task_id, hard, now))
-
-    async def stats(self) -> QueueStats:
-        return await self._apply(lambda t, now: t.stats(now))
+        return await super().remove(task_id, hard)
 
     async def purge(self, older_than_ms: int, statuses: Collection[TaskStatus], limit: int) -> int:
         self._need_delete("purging")
-        wanted = frozenset(statuses)
-        return await self._apply(lambda t, now: t.purge(older_than_ms, wanted, limit, now))
+        return await super().purge(older_than_ms, statuses, limit)
 
     async def wait_for_work(self, timeout: float) -> None:
         """Wake on work added in this process; other processes are seen after ``timeout``."""
@@ -303,7 +235,7 @@ class CustomRepository:
 
     # --- plumbing ----------------------------------------------------------------
 
-    async def _apply(self, op: Callable[[TaskTable, datetime], _R]) -> _R:
+    async def _apply(self, op: Op[_R]) -> _R:
         async with self._locked():
             table = await self._load()
             before = dict(table.tasks)
@@ -383,8 +315,7 @@ def _accepts_keyword(fn: Callable[..., Any], name: str) -> bool:
     except (TypeError, ValueError):
         return False
     return any(
-        (p.name == name and p.kind is not inspect.Parameter.POSITIONAL_ONLY)
-        or p.kind is inspect.Parameter.VAR_KEYWORD
+        (p.name == name and p.kind is not inspect.Parameter.POSITIONAL_ONLY) or p.kind is inspect.Parameter.VAR_KEYWORD
         for p in params
     )
 

@@ -31,7 +31,7 @@ import re
 import stat
 import tempfile
 import threading
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager, suppress
 from datetime import datetime
 from pathlib import Path
@@ -41,17 +41,11 @@ from filelock import FileLock, Timeout
 
 from ..errors import BackendError, InvalidTaskError
 from ..task import (
-    Completion,
-    FailOutcome,
-    Failure,
-    Lease,
-    NewTask,
-    QueueStats,
     Task,
     TaskStatus,
     utcnow,
 )
-from .memory import TaskTable
+from .table import Op, TableRepository, TaskTable
 
 __all__ = ["FORMAT_VERSION", "FileRepository"]
 
@@ -67,7 +61,7 @@ _TMP_SUFFIX = ".tmp"
 _Signature = tuple[int, int, int]
 
 
-class FileRepository:
+class FileRepository(TableRepository):
     """Tasks in one JSON file; several processes may use the same file at once."""
 
     name = "file"
@@ -116,18 +110,7 @@ class FileRepository:
         with self._mutex:
             self._forget()
 
-    async def now(self) -> datetime:
-        return utcnow()
-
     # --- the Repository operations ----------------------------------------------
-
-    async def add(self, tasks: Sequence[NewTask], *, connection: Any = None) -> list[Task]:
-        if connection is not None:
-            raise TypeError("the file backend has no connections; transactional enqueue needs postgres")
-        new = list(tasks)
-        out = await self._apply(lambda t, now: t.add(new, now))
-        self._wake = True
-        return out
 
     async def dequeue(
         self, worker: str, limit: int, lease_ms: int, handlers: Collection[str] | None = None
@@ -140,58 +123,6 @@ class FileRepository:
             return table.dequeue(worker, limit, lease_ms, now, handlers)
 
         return await self._apply(op)
-
-    async def heartbeat(self, worker: str, leases: Sequence[Lease], lease_ms: int) -> list[str]:
-        held = list(leases)
-        if not held:
-            return []
-        return await self._apply(lambda t, now: t.heartbeat(worker, held, lease_ms, now))
-
-    async def complete(self, done: Sequence[Completion]) -> list[str]:
-        items = list(done)
-        if not items:
-            return []
-        return await self._apply(lambda t, now: t.complete(items, now))
-
-    async def fail(self, failure: Failure) -> FailOutcome | None:
-        out = await self._apply(lambda t, now: t.fail(failure, now))
-        if out is FailOutcome.RETRIED:
-            self._wake = True
-        return out
-
-    async def release(self, leases: Sequence[Lease]) -> list[str]:
-        held = list(leases)
-        if not held:
-            return []
-        out = await self._apply(lambda t, now: t.release(held, now))
-        if out:
-            self._wake = True
-        return out
-
-    async def expired(self, limit: int) -> list[Task]:
-        return await self._apply(lambda t, now: t.expired(limit, now))
-
-    async def get(self, task_id: str) -> Task | None:
-        return await self._apply(lambda t, now: t.get(task_id))
-
-    async def list(self, status: TaskStatus | None = None, limit: int | None = None) -> list[Task]:
-        return await self._apply(lambda t, now: t.list(status, limit))
-
-    async def update(self, task_id: str, fields: Mapping[str, Any]) -> Task:
-        changes = dict(fields)
-        out = await self._apply(lambda t, now: t.update(task_id, changes, now))
-        self._wake = True
-        return out
-
-    async def remove(self, task_id: str, hard: bool) -> bool:
-        return await self._apply(lambda t, now: t.remove(task_id, hard, now))
-
-    async def stats(self) -> QueueStats:
-        return await self._apply(lambda t, now: t.stats(now))
-
-    async def purge(self, older_than_ms: int, statuses: Collection[TaskStatus], limit: int) -> int:
-        wanted = frozenset(statuses)
-        return await self._apply(lambda t, now: t.purge(older_than_ms, wanted, limit, now))
 
     async def wait_for_work(self, timeout: float) -> None:
         """Sleep up to ``timeout`` s; return early once another process changes the file."""
@@ -211,7 +142,10 @@ class FileRepository:
 
     # --- one locked read-apply-write cycle ----------------------------------------
 
-    async def _apply(self, op: Callable[[TaskTable, datetime], _R]) -> _R:
+    def _wake_up(self) -> None:
+        self._wake = True
+
+    async def _apply(self, op: Op[_R]) -> _R:
         return await asyncio.to_thread(self._run, lambda table: op(table, utcnow()))
 
     def _run(self, op: Callable[[TaskTable], _R]) -> _R:
@@ -258,8 +192,7 @@ class FileRepository:
             ) from None
         except OSError as exc:
             raise BackendError(
-                f"cannot create the lock file {self.lock_path}: {exc}; check that the directory exists "
-                "and is writable"
+                f"cannot create the lock file {self.lock_path}: {exc}; check that the directory exists and is writable"
             ) from None
         try:
             yield
@@ -371,9 +304,7 @@ class FileRepository:
         if doc.keys() != {"version", "next_seq", "tasks"}:
             raise self._corrupt(f"expected the keys version, next_seq and tasks, found {sorted(doc)}")
         if doc["version"] != FORMAT_VERSION:
-            raise self._corrupt(
-                f"format version {doc['version']!r}; this kubeque reads version {FORMAT_VERSION}"
-            )
+            raise self._corrupt(f"format version {doc['version']!r}; this kubeque reads version {FORMAT_VERSION}")
         next_seq = doc["next_seq"]
         if not isinstance(next_seq, int) or isinstance(next_seq, bool) or next_seq < 1:
             raise self._corrupt(f"next_seq must be a positive integer, not {next_seq!r}")

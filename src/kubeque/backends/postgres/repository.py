@@ -163,6 +163,8 @@ class PostgresRepository:
                 max_size=self.max_size,
                 open=False,
                 name=f"kubeque-{self.schema}",
+                # A connection the server dropped is replaced at checkout instead of failing one call.
+                check=AsyncConnectionPool.check_connection,
                 timeout=_POOL_TIMEOUT_S,
             )
             try:
