@@ -283,12 +283,10 @@ class QueueManager:
             except PayloadError as exc:
                 raise PayloadError(f"extra task fields: {exc}") from None
 
-        priority = opts.get("priority", 0)
-        if not isinstance(priority, int) or isinstance(priority, bool) or abs(priority) > 2**31 - 1:
-            raise ConfigError(f"priority must be an integer within 32 bits, not {priority!r}")
-        max_retries = _first(opts.get("max_retries"), h.max_retries if h else None, self.defaults.max_retries)
-        if not isinstance(max_retries, int) or isinstance(max_retries, bool) or max_retries < 0:
-            raise ConfigError(f"max_retries must be an integer >= 0, not {max_retries!r}")
+        priority = _priority(opts.get("priority", 0))
+        max_retries = _max_retries(
+            _first(opts.get("max_retries"), h.max_retries if h else None, self.defaults.max_retries)
+        )
         mpt = _first(
             to_ms(opts.get("max_processing_time"), "max_processing_time"),
             h.max_processing_time if h else None,
@@ -303,8 +301,8 @@ class QueueManager:
         delay = opts.get("delay")
         if run_at is not None and delay is not None:
             raise ConfigError("give run_at or delay, not both")
-        if run_at is not None and (not isinstance(run_at, datetime) or run_at.tzinfo is None):
-            raise ConfigError("run_at must be a timezone-aware datetime (e.g. datetime.now(timezone.utc))")
+        if run_at is not None:
+            run_at = _run_at(run_at)
         delay_ms = 0
         if delay is not None:
             if isinstance(delay, timedelta):
@@ -434,24 +432,15 @@ class QueueManager:
                 raise PayloadError("payload refused")
             clean["payload"] = new.payload
         if "priority" in fields:
-            p = fields["priority"]
-            if not isinstance(p, int) or isinstance(p, bool) or abs(p) > 2**31 - 1:
-                raise ConfigError(f"priority must be an integer within 32 bits, not {p!r}")
-            clean["priority"] = p
+            clean["priority"] = _priority(fields["priority"])
         if "max_retries" in fields:
-            m = fields["max_retries"]
-            if not isinstance(m, int) or isinstance(m, bool) or m < 0:
-                raise ConfigError(f"max_retries must be an integer >= 0, not {m!r}")
-            clean["max_retries"] = m
+            clean["max_retries"] = _max_retries(fields["max_retries"])
         if "max_processing_time" in fields:
             clean["max_processing_time"] = to_ms(fields["max_processing_time"], "max_processing_time")
         if "retry_backoff_ms" in fields:
             clean["retry_backoff_ms"] = to_ms(fields["retry_backoff_ms"], "retry_backoff_ms", allow_zero=True)
         if "run_at" in fields:
-            r = fields["run_at"]
-            if not isinstance(r, datetime) or r.tzinfo is None:
-                raise ConfigError("run_at must be a timezone-aware datetime")
-            clean["run_at"] = r
+            clean["run_at"] = _run_at(fields["run_at"])
         if "extra" in fields:
             e = fields["extra"]
             check_payload(e, max_bytes=self.max_payload_bytes)
@@ -491,6 +480,24 @@ class QueueManager:
                 break
         await self.events.emit(TaskEvent("tasks_purged", count=total))
         return total
+
+
+def _priority(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or abs(value) > 2**31 - 1:
+        raise ConfigError(f"priority must be an integer within 32 bits, not {value!r}")
+    return value
+
+
+def _max_retries(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ConfigError(f"max_retries must be an integer >= 0, not {value!r}")
+    return value
+
+
+def _run_at(value: Any) -> datetime:
+    if not isinstance(value, datetime) or value.tzinfo is None:
+        raise ConfigError("run_at must be a timezone-aware datetime (e.g. datetime.now(timezone.utc))")
+    return value
 
 
 def _first(*values: Any) -> Any:

@@ -269,11 +269,11 @@ async def test_expired_lease_is_reclaimed_as_a_failed_attempt(make_qm: Callable[
 
 
 async def test_heartbeat_keeps_a_long_task_alive(make_qm: Callable[..., QueueManager]) -> None:
-    qm = make_qm(lease_ms=300)
+    qm = make_qm(lease_ms=500)
 
     @qm.handler(max_retries=0)
     async def long(p: dict[str, Any]) -> str:
-        await asyncio.sleep(1.0)  # several lease lengths
+        await asyncio.sleep(1.6)  # several lease lengths
         return "done"
 
     t = await qm.add_task("long", {})
