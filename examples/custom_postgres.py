@@ -75,8 +75,8 @@ CREATE TABLE IF NOT EXISTS {table} (
     log                 jsonb NOT NULL DEFAULT '[]',
     created_at          timestamptz NOT NULL,
     updated_at          timestamptz NOT NULL,
-    max_retries         bigint NOT NULL,
-    max_processing_time bigint NOT NULL,
+    max_retries         bigint,  -- NULL: the handler's setting applies
+    max_processing_time bigint,
     retry_count         bigint NOT NULL DEFAULT 0,
     priority            bigint NOT NULL DEFAULT 0,
     run_at              timestamptz NOT NULL,
@@ -84,7 +84,7 @@ CREATE TABLE IF NOT EXISTS {table} (
     worker              text,
     lease_expires_at    timestamptz,
     result              jsonb,
-    retry_backoff_ms    bigint NOT NULL,
+    retry_backoff_ms    bigint,
     seq                 bigint NOT NULL,
     extra               jsonb NOT NULL DEFAULT '{{}}'
 )

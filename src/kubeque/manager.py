@@ -284,19 +284,14 @@ class QueueManager:
                 raise PayloadError(f"extra task fields: {exc}") from None
 
         priority = _priority(opts.get("priority", 0))
-        max_retries = _max_retries(
-            _first(opts.get("max_retries"), h.max_retries if h else None, self.defaults.max_retries)
-        )
-        mpt = _first(
+        given = (
+            None if opts.get("max_retries") is None else _max_retries(opts["max_retries"]),
             to_ms(opts.get("max_processing_time"), "max_processing_time"),
-            h.max_processing_time if h else None,
-            self.defaults.max_processing_time,
-        )
-        backoff = _first(
             to_ms(opts.get("retry_backoff_ms"), "retry_backoff_ms", allow_zero=True),
-            h.retry_backoff_ms if h else None,
-            self.defaults.retry_backoff_ms,
         )
+        # Where the handler is unknown (a producer-only process), options not
+        # given stay unset so the worker applies the handler's own settings.
+        max_retries, mpt, backoff = self._resolve(h, *given) if h is not None else given
         run_at = opts.get("run_at")
         delay = opts.get("delay")
         if run_at is not None and delay is not None:
@@ -330,6 +325,21 @@ class QueueManager:
             delay_ms=delay_ms,
             extra=extra,
         )
+
+    def _resolve(
+        self, h: Handler | None, max_retries: int | None, mpt: int | None, backoff: int | None
+    ) -> tuple[int, int, int]:
+        """Task option, else handler option, else the queue's default."""
+        return (
+            _first(max_retries, h.max_retries if h else None, self.defaults.max_retries),
+            _first(mpt, h.max_processing_time if h else None, self.defaults.max_processing_time),
+            _first(backoff, h.retry_backoff_ms if h else None, self.defaults.retry_backoff_ms),
+        )
+
+    def effective(self, task: Task) -> tuple[int, int, int]:
+        """(max_retries, max_processing_time, retry_backoff_ms) that apply to ``task`` here."""
+        h = self.handlers.get(task.handler)
+        return self._resolve(h, task.max_retries, task.max_processing_time, task.retry_backoff_ms)
 
     async def add_task(
         self, handler: str, payload: Any = None, *, connection: Any = None, **options: Any

@@ -60,8 +60,10 @@ class Task(BaseModel):
     log: list[dict[str, Any]] = Field(default_factory=list)
     created_at: datetime
     updated_at: datetime
-    max_retries: int = Field(ge=0)
-    max_processing_time: int = Field(gt=0)
+    # None: not set when the task was added; the handler's setting (else the
+    # queue's default) applies when it runs.
+    max_retries: int | None = Field(default=None, ge=0)
+    max_processing_time: int | None = Field(default=None, gt=0)
     retry_count: int = Field(default=0, ge=0)
     priority: int = 0
     run_at: datetime
@@ -69,7 +71,7 @@ class Task(BaseModel):
     worker: str | None = None
     lease_expires_at: datetime | None = None
     result: Any = None
-    retry_backoff_ms: int = Field(default=DEFAULT_RETRY_BACKOFF_MS, ge=0)
+    retry_backoff_ms: int | None = Field(default=None, ge=0)
     seq: int = 0
     extra: dict[str, Any] = Field(default_factory=dict)
 
@@ -111,9 +113,9 @@ class NewTask:
     payload: dict[str, Any]
     id: str = field(default_factory=lambda: str(uuid.uuid4()))
     priority: int = 0
-    max_retries: int = DEFAULT_MAX_RETRIES
-    max_processing_time: int = DEFAULT_MAX_PROCESSING_TIME_MS
-    retry_backoff_ms: int = DEFAULT_RETRY_BACKOFF_MS
+    max_retries: int | None = DEFAULT_MAX_RETRIES
+    max_processing_time: int | None = DEFAULT_MAX_PROCESSING_TIME_MS
+    retry_backoff_ms: int | None = DEFAULT_RETRY_BACKOFF_MS
     run_at: datetime | None = None
     delay_ms: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -158,7 +160,8 @@ class Completion:
 @dataclass(frozen=True)
 class Failure:
     """A failed attempt. The store retries it (pending, retry_count + 1, run_at =
-    now + retry_delay_ms) while retry_count < max_retries, else marks it failed."""
+    now + retry_delay_ms) while retry_count < the task's max_retries (or, when
+    the task stores none, this failure's), else marks it failed."""
 
     id: str
     attempt: int
@@ -167,6 +170,8 @@ class Failure:
     outcome: str = "error"  # error | timeout | lost | unknown_handler
     only_if_expired: bool = False  # reclaim: land only if the lease has run out
     final: bool = False  # no retry whatever the count (e.g. unknown handler)
+    # The limit when the task stores none (added where its handler was unknown).
+    max_retries: int = DEFAULT_MAX_RETRIES
 
 
 class FailOutcome(enum.StrEnum):

@@ -654,3 +654,39 @@ async def test_worker_prunes_finished_tasks_past_retention(store_factory: StoreF
         assert [t.id for t in await qm.get_all_tasks()] == [pending.id]  # type: ignore[union-attr]
     finally:
         await qm.close()
+
+
+async def test_producer_without_the_handler_leaves_its_settings_to_the_worker(store_factory: StoreFactory) -> None:
+    from kubeque.backends import make_repository
+
+    repo = make_repository(store_factory())
+    producer = QueueManager(repo, validate_handlers=False, **FAST)  # type: ignore[arg-type]
+    worker = QueueManager(repo, **FAST)  # type: ignore[arg-type]
+    runs: dict[str, int] = {}
+
+    @worker.handler(max_retries=1, max_processing_time=200)
+    async def flaky(p: dict[str, Any]) -> None:
+        runs[p["n"]] = runs.get(p["n"], 0) + 1
+        if p.get("hang"):
+            await asyncio.sleep(30)
+        raise RuntimeError("always")
+
+    plain = await producer.add_task("flaky", {"n": "plain"})
+    hangs = await producer.add_task("flaky", {"n": "hang", "hang": True})
+    explicit = await producer.add_task("flaky", {"n": "explicit"}, max_retries=0)
+    assert plain is not None and hangs is not None and explicit is not None
+    assert plain.max_retries is None and plain.max_processing_time is None
+    assert explicit.max_retries == 0
+    await worker.start_worker(3)
+    try:
+        await settle(worker)
+    finally:
+        await worker.close()
+    assert runs == {"plain": 2, "hang": 2, "explicit": 1}
+    await repo.open()  # closed with the worker's manager
+    try:
+        got = await repo.get(hangs.id)
+        assert got is not None and [e["outcome"] for e in got.log] == ["timeout", "timeout"]
+        assert "200 ms" in got.log[0]["error"]
+    finally:
+        await repo.close()

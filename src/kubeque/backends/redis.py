@@ -117,6 +117,11 @@ def _safe_url(url: str) -> str:
         return "<unparsable url>"
 
 
+def _opt_int(value: int | None) -> str:
+    """Integers as Redis stores them; "" stands for None (an option left to the handler)."""
+    return "" if value is None else str(int(value))
+
+
 def _task(flat: Sequence[str]) -> Task:
     """A task from its hash (flat field/value list), validated."""
     raw = dict(zip(flat[::2], flat[1::2], strict=True))
@@ -126,7 +131,7 @@ def _task(flat: Sequence[str]) -> Task:
             if key.startswith("_"):
                 continue  # index bookkeeping, not part of the task
             if key in _INT_FIELDS:
-                data[key] = int(value)
+                data[key] = int(value) if value != "" else None
             elif key in _JSON_FIELDS:
                 data[key] = json.loads(value)
             else:
@@ -265,9 +270,9 @@ class RedisRepository:
                 encode_json(checked.extra, what="extra"),
                 str(checked.priority),
                 _priority_key(checked.priority),
-                str(checked.max_retries),
-                str(checked.max_processing_time),
-                str(checked.retry_backoff_ms),
+                _opt_int(checked.max_retries),
+                _opt_int(checked.max_processing_time),
+                _opt_int(checked.retry_backoff_ms),
                 "" if n.run_at is None else str(_micros(n.run_at)),
                 "" if n.run_at is None else _iso(n.run_at),
                 str(int(n.delay_ms)),
@@ -327,6 +332,7 @@ class RedisRepository:
             int(f.retry_delay_ms),
             int(f.only_if_expired),
             int(f.final),
+            int(f.max_retries),
         ]
         reply = await self._run("fail", args, "record a failure")
         return None if reply is None else FailOutcome(reply)
@@ -382,7 +388,7 @@ class RedisRepository:
                 pairs += [name, encode_json(getattr(checked, name), what=name)]
         for name in ("priority", "max_retries", "max_processing_time", "retry_backoff_ms", "retry_count"):
             if name in fields:
-                pairs += [name, str(getattr(checked, name))]
+                pairs += [name, _opt_int(getattr(checked, name))]
         args: list[str | int] = [task_id, status, run_us, run_iso, pk, len(pairs) // 2, *pairs]
         reply = await self._run("update", args, "update a task")
         if reply is None:

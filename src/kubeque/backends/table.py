@@ -166,7 +166,8 @@ class TaskTable:
             return None
         log = self._close_log(t, end_fields(now, f.outcome, f.error))
         common = {"worker": None, "lease_expires_at": None, "updated_at": now, "log": log}
-        if not f.final and t.retry_count < t.max_retries:
+        limit = t.max_retries if t.max_retries is not None else f.max_retries
+        if not f.final and t.retry_count < limit:
             t2 = t.model_copy(
                 update={
                     **common,

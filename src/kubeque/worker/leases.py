@@ -70,8 +70,11 @@ class Reclaimer:
         on_reclaimed: OnReclaimed,
         logger: logging.Logger,
         batch: int = 100,
+        *,
+        effective: Callable[[Task], tuple[int, int, int]],
     ) -> None:
         self._repo = repository
+        self._effective = effective
         self.interval = interval
         self._on_reclaimed = on_reclaimed
         self._logger = logger
@@ -85,14 +88,16 @@ class Reclaimer:
         count = 0
         for task in await self._repo.expired(self._batch):
             error = f"lease expired: worker {task.worker} stopped renewing it (crashed or cut off)"
+            max_retries, _, backoff = self._effective(task)
             outcome = await self._repo.fail(
                 Failure(
                     id=task.id,
                     attempt=task.attempt,
                     error=error,
-                    retry_delay_ms=backoff_ms(task.retry_backoff_ms, task.retry_count),
+                    retry_delay_ms=backoff_ms(backoff, task.retry_count),
                     outcome="lost",
                     only_if_expired=True,
+                    max_retries=max_retries,
                 )
             )
             if outcome is not None:

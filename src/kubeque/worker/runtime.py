@@ -88,7 +88,13 @@ class Worker:
         self._completions = CompletionBatcher(self.repo, self.logger)
         self._leases = LeaseKeeper(self.repo, self.id, self.lease_ms, self._held, self.logger)
         self._reclaimer = (
-            Reclaimer(self.repo, reclaim_interval or max(0.2, self.lease_ms / 2000), self._on_reclaimed, self.logger)
+            Reclaimer(
+                self.repo,
+                reclaim_interval or max(0.2, self.lease_ms / 2000),
+                self._on_reclaimed,
+                self.logger,
+                effective=manager.effective,
+            )
             if reclaim
             else None
         )
@@ -272,7 +278,8 @@ class Worker:
             )
             return
         args: tuple[Any, ...] = (arg, task) if handler.wants_task else (arg,)
-        deadline = task.max_processing_time / 1000
+        _, max_processing_time, _ = self.manager.effective(task)
+        deadline = max_processing_time / 1000
         try:
             if handler.is_async:
                 result = await asyncio.wait_for(handler.fn(*args), deadline)
@@ -282,7 +289,7 @@ class Worker:
                 result = await asyncio.wait_for(fut, deadline)
         except TimeoutError:
             self.counters.timed_out += 1
-            error = f"attempt exceeded max_processing_time of {task.max_processing_time} ms and was stopped"
+            error = f"attempt exceeded max_processing_time of {max_processing_time} ms and was stopped"
             await self._emit("task_stuck", task, error=error, outcome="timeout")
             await self._fail(run, error, outcome="timeout")
             return
@@ -314,13 +321,15 @@ class Worker:
         task = run.task
         error = sanitise_error(error)
         self.logger.debug("task %s attempt %d failed: %s", task.id, task.attempt, outcome)
+        max_retries, _, backoff = self.manager.effective(task)
         failure = Failure(
             id=task.id,
             attempt=task.attempt,
             error=error,
-            retry_delay_ms=backoff_ms(task.retry_backoff_ms, task.retry_count),
+            retry_delay_ms=backoff_ms(backoff, task.retry_count),
             outcome=outcome,
             final=final,
+            max_retries=max_retries,
         )
         result = await self._with_retries(lambda: self.repo.fail(failure))
         duration = time.monotonic() - run.started

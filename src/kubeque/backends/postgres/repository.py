@@ -355,6 +355,7 @@ class PostgresRepository:
                 "retry_delay_ms": max(0, failure.retry_delay_ms),
                 "only_if_expired": failure.only_if_expired,
                 "final": failure.final,
+                "max_retries": failure.max_retries,
                 "channel": self.channel,
             },
             "record a failure",

@@ -1,7 +1,8 @@
 -- Record a failed attempt: back to pending with a delay while retries remain
 -- (and the failure is not final), else failed.
 -- ARGV: prefix, id, attempt, outcome json, error json, retry_delay_ms,
---       only_if_expired (1/0), final (1/0).
+--       only_if_expired (1/0), final (1/0), max_retries to use when the task
+--       stores none (its handler was unknown where it was added).
 -- Returns 'retried', 'failed', or nil when the guard did not hold.
 local id, attempt = ARGV[2], ARGV[3]
 local delay_ms = tonumber(ARGV[6])
@@ -16,7 +17,8 @@ close_log(k, end_fields(now, ARGV[4], ARGV[5]))
 drop_lease(k)
 touch(k, now)
 local retries = tonumber(f[2])
-if (not final) and retries < tonumber(f[3]) then
+local limit = tonumber(f[3]) or tonumber(ARGV[9])
+if (not final) and retries < limit then
   local run = now + delay_ms * 1000
   redis.call('HSET', k, 'status', 'pending', 'retry_count', int(retries + 1),
     'run_at', iso(run), '_run', int(run))

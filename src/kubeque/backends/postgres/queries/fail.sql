@@ -1,13 +1,14 @@
 -- Close one failed attempt: back to pending with a backoff while retries
--- remain (and the failure is not final), else failed. Lands only if the
+-- remain (and the failure is not final), else failed. A task that stores no
+-- max_retries (its handler was unknown where it was added) takes the worker's. Lands only if the
 -- attempt is still the one running (and, for a reclaim, its lease has run out).
 WITH landed AS (
     UPDATE {schema}.tasks AS t
-    SET status = CASE WHEN NOT %(final)s AND t.retry_count < t.max_retries
+    SET status = CASE WHEN NOT %(final)s AND t.retry_count < coalesce(t.max_retries, %(max_retries)s)
                       THEN 'pending' ELSE 'failed' END,
-        retry_count = CASE WHEN NOT %(final)s AND t.retry_count < t.max_retries
+        retry_count = CASE WHEN NOT %(final)s AND t.retry_count < coalesce(t.max_retries, %(max_retries)s)
                            THEN t.retry_count + 1 ELSE t.retry_count END,
-        run_at = CASE WHEN NOT %(final)s AND t.retry_count < t.max_retries
+        run_at = CASE WHEN NOT %(final)s AND t.retry_count < coalesce(t.max_retries, %(max_retries)s)
                       THEN now() + %(retry_delay_ms)s * interval '1 millisecond' ELSE t.run_at END,
         worker = NULL,
         lease_expires_at = NULL,
