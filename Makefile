@@ -2,29 +2,36 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
 
 .PHONY: install test lint demo bench clean
 
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# One stamp per set of extras, remade when pyproject.toml changes.
+$(VENV)/.demo: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[demo]'
+	touch $@
+
+$(VENV)/.test: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test,demo]'
-	touch $(STAMP)
+	touch $@ $(VENV)/.demo
 
-install: $(STAMP)
+install: $(VENV)/.test
 
-test: $(STAMP)
+test: $(VENV)/.test
 	$(BIN)/python -m pytest -q -ra
 
-lint: $(STAMP)
+lint: $(VENV)/.test
 	$(BIN)/ruff check src tests examples bench
 	$(BIN)/mypy
 
-demo: $(STAMP)
-	$(BIN)/kubeque demo $(ARGS)
+# @: the demo's --json output goes to stdout alone, so it can be piped.
+demo: $(VENV)/.demo
+	@$(BIN)/kubeque demo $(ARGS)
 
-bench: $(STAMP)
+bench: $(VENV)/.test
 	$(BIN)/python -m bench $(ARGS)
 
 clean:

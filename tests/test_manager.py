@@ -146,3 +146,13 @@ def test_sanitise_error_survives_a_broken_str() -> None:
             raise ValueError("no")
 
     assert sanitise_error(Broken()) == "<unprintable Broken>"
+
+
+async def test_misspelt_option_is_refused_not_stored_as_extra() -> None:
+    qm = QueueManager(validate_handlers=False)
+    for typo, meant in (("priorty", "priority"), ("max_retry", "max_retries"), ("delay_s", "delay")):
+        with pytest.raises(ConfigError, match=f"did you mean '{meant}'"):
+            await qm.add_task("h", {}, **{typo: 1})
+    assert await qm.get_all_tasks() == []
+    t = await qm.add_task("h", {}, tenant="acme", extra={"priorty": 5})
+    assert t is not None and t.extra == {"tenant": "acme", "priorty": 5} and t.priority == 0

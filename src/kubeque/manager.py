@@ -8,6 +8,7 @@ coroutines on a private event loop thread: ``qm.sync.add_task(...)``.
 from __future__ import annotations
 
 import asyncio
+import difflib
 import logging
 import threading
 import uuid
@@ -254,7 +255,7 @@ class QueueManager:
 
     def _new_task(self, handler: str, payload: Any, options: Mapping[str, Any]) -> NewTask | None:
         opts = dict(options)
-        extra = {k: opts.pop(k) for k in list(opts) if k not in _TASK_OPTIONS}
+        extra = _extra_fields(opts)
         h = self.handlers.get(handler)
         if h is None and self.validate_handlers:
             if not isinstance(handler, str):
@@ -345,8 +346,9 @@ class QueueManager:
         self, handler: str, payload: Any = None, *, connection: Any = None, **options: Any
     ) -> Task | None:
         """Add one task. Options: priority, max_retries, max_processing_time (ms),
-        retry_backoff_ms, run_at (aware datetime) or delay (seconds), id; any other
-        keyword is stored as an extra field. ``connection`` joins a caller's
+        retry_backoff_ms, run_at (aware datetime) or delay (seconds), id; extra=
+        (a mapping) and any other keyword are stored as extra fields (a keyword
+        that looks like a misspelt option is refused). ``connection`` joins a caller's
         Postgres transaction. Returns None if the payload was skipped."""
         new = self._new_task(handler, {} if payload is None else payload, options)
         if new is None:
@@ -490,6 +492,24 @@ class QueueManager:
                 break
         await self.events.emit(TaskEvent("tasks_purged", count=total))
         return total
+
+
+def _extra_fields(opts: dict[str, Any]) -> dict[str, Any]:
+    """Pop the extra fields out of add_task's keywords: ``extra=`` plus any
+    keyword that is not an option, unless it looks like a misspelt option."""
+    explicit = opts.pop("extra", None) or {}
+    if not isinstance(explicit, Mapping):
+        raise ConfigError(f"extra must be a mapping of field names to JSON values, not {type(explicit).__name__}")
+    extra = dict(explicit)
+    for key in [k for k in opts if k not in _TASK_OPTIONS]:
+        close = difflib.get_close_matches(key, _TASK_OPTIONS, n=1, cutoff=0.75)
+        if close:
+            raise ConfigError(
+                f"unknown task option {key!r}; did you mean {close[0]!r}? "
+                f"(to store an extra field named {key!r}, pass extra={{{key!r}: ...}})"
+            )
+        extra[key] = opts.pop(key)
+    return extra
 
 
 def _priority(value: Any) -> int:

@@ -9,6 +9,7 @@ this facade, not both (its connections belong to one loop).
 from __future__ import annotations
 
 import asyncio
+import atexit
 import threading
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -52,6 +53,8 @@ class SyncQueueManager:
         with self._lock:
             if self._loop is None:
                 self._loop = _LoopThread()
+                # Close connections cleanly when a script ends without close().
+                atexit.register(self.close)
         return self._loop.run(coro)
 
     def add_task(self, handler: str, payload: Any = None, *, connection: Any = None, **options: Any) -> Task | None:
@@ -102,7 +105,9 @@ class SyncQueueManager:
         self._run(main())
 
     def close(self) -> None:
+        """Stop any worker, close the store's connections and the private loop."""
         if self._loop is not None:
+            atexit.unregister(self.close)
             self._run(self._qm.close())
             self._loop.stop()
             self._loop = None

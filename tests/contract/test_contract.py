@@ -690,3 +690,28 @@ async def test_producer_without_the_handler_leaves_its_settings_to_the_worker(st
         assert "200 ms" in got.log[0]["error"]
     finally:
         await repo.close()
+
+
+async def test_removing_a_running_task_stops_its_handler(make_qm: Callable[..., QueueManager]) -> None:
+    qm = make_qm(lease_ms=300)
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    @qm.handler()
+    async def long(p: dict[str, Any]) -> str:
+        started.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return "should not finish"
+
+    t = await qm.add_task("long", {})
+    assert t is not None
+    await qm.start_worker(1)
+    await asyncio.wait_for(started.wait(), 10)
+    assert await qm.remove_task(t.id) is True
+    await asyncio.wait_for(cancelled.wait(), 5)  # noticed at the next lease renewal
+    await qm.stop_worker()
+    got = await qm.get_task(t.id)
+    assert got is not None and got.status is TaskStatus.DELETED and got.result is None

@@ -23,14 +23,15 @@ class LeaseKeeper:
         worker_id: str,
         lease_ms: int,
         held: Callable[[], Sequence[Lease]],
+        on_lost: Callable[[Lease], None],
         logger: logging.Logger,
     ) -> None:
         self._repo = repository
         self._worker_id = worker_id
         self._lease_ms = lease_ms
         self._held = held
+        self._on_lost = on_lost
         self._logger = logger
-        self.lost: set[str] = set()
 
     @property
     def interval(self) -> float:
@@ -42,11 +43,8 @@ class LeaseKeeper:
             return
         renewed = set(await self._repo.heartbeat(self._worker_id, leases, self._lease_ms))
         for lease in leases:
-            if lease.id not in renewed and lease.id not in self.lost:
-                self.lost.add(lease.id)
-                self._logger.warning(
-                    "lost the lease on task %s (attempt %d); its result will not be stored", lease.id, lease.attempt
-                )
+            if lease.id not in renewed:
+                self._on_lost(lease)
 
     async def run(self) -> None:
         while True:

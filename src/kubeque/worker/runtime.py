@@ -38,6 +38,8 @@ class Running:
     task: Task
     started: float
     job: asyncio.Task[None] | None = None
+    finishing: bool = False  # its outcome is being written: no renewals, no cancelling
+    lost: bool = False  # removed, changed or reclaimed elsewhere while it ran
 
 
 @dataclass
@@ -86,7 +88,7 @@ class Worker:
         self._crash: BaseException | None = None
         self._threads = ThreadPoolExecutor(max_workers=concurrency + 4, thread_name_prefix="kubeque-task")
         self._completions = CompletionBatcher(self.repo, self.logger)
-        self._leases = LeaseKeeper(self.repo, self.id, self.lease_ms, self._held, self.logger)
+        self._leases = LeaseKeeper(self.repo, self.id, self.lease_ms, self._held, self._on_lost, self.logger)
         self._reclaimer = (
             Reclaimer(
                 self.repo,
@@ -185,7 +187,21 @@ class Worker:
     # --- taking ------------------------------------------------------------
 
     def _held(self) -> list[Lease]:
-        return [Lease(r.task.id, r.task.attempt) for r in self._in_flight.values()]
+        return [Lease(r.task.id, r.task.attempt) for r in self._in_flight.values() if not r.finishing]
+
+    def _on_lost(self, lease: Lease) -> None:
+        """The store no longer gives us this attempt: stop its handler, write nothing."""
+        run = self._in_flight.get(lease.id)
+        if run is None or run.finishing or run.lost or run.task.attempt != lease.attempt:
+            return
+        run.lost = True
+        self.logger.warning(
+            "task %s (attempt %d) was removed, changed or reclaimed elsewhere while it ran; stopping it",
+            lease.id,
+            lease.attempt,
+        )
+        if run.job is not None:
+            run.job.cancel()
 
     async def _take_loop(self) -> None:
         failures = 0
@@ -245,7 +261,7 @@ class Worker:
             await self._emit("task_started", task, wait_s=_wait_seconds(task))
             await self._execute(run)
         except asyncio.CancelledError:
-            if not self._releasing:
+            if not (self._releasing or run.lost):
                 raise
         except Exception:
             # A bug in kubeque itself must not kill the worker; the lease will
@@ -288,6 +304,7 @@ class Worker:
                 fut = loop.run_in_executor(self._threads, functools.partial(handler.fn, *args))
                 result = await asyncio.wait_for(fut, deadline)
         except TimeoutError:
+            run.finishing = True
             self.counters.timed_out += 1
             error = f"attempt exceeded max_processing_time of {max_processing_time} ms and was stopped"
             await self._emit("task_stuck", task, error=error, outcome="timeout")
@@ -296,28 +313,33 @@ class Worker:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            run.finishing = True
             await self._fail(run, f"{type(exc).__name__}: {exc}", outcome="error")
             if self.manager.crash_on_worker_error and self._crash is None:
                 self._crash = exc
                 asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self.stop(0)))
             return
+        run.finishing = True
         try:
             stored = json.loads(encode_json(result, what="handler result")) if result is not None else None
         except PayloadError as exc:
             await self._fail(run, str(exc), outcome="error")
             return
         duration = time.monotonic() - run.started
-        if task.id in self._leases.lost:
-            self._leases.lost.discard(task.id)
-            return
         landed = await self._completions.complete(Completion(task.id, task.attempt, stored))
         if landed:
             self.counters.completed += 1
             await self._emit("task_completed", task, result=stored, duration_s=duration, outcome="completed")
         else:
-            self.logger.warning("completion of task %s (attempt %d) came too late; not stored", task.id, task.attempt)
+            self.logger.warning(
+                "result of task %s (attempt %d) not stored: the task was removed, changed or reclaimed "
+                "while it ran",
+                task.id,
+                task.attempt,
+            )
 
     async def _fail(self, run: Running, error: str, *, outcome: str, final: bool = False) -> None:
+        run.finishing = True
         task = run.task
         error = sanitise_error(error)
         self.logger.debug("task %s attempt %d failed: %s", task.id, task.attempt, outcome)
@@ -340,7 +362,12 @@ class Worker:
             self.counters.failed += 1
             await self._emit("task_failed", task, error=error, duration_s=duration, outcome=outcome)
         else:
-            self.logger.warning("failure of task %s (attempt %d) came too late; not stored", task.id, task.attempt)
+            self.logger.warning(
+                "failure of task %s (attempt %d) not stored: the task was removed, changed or reclaimed "
+                "while it ran",
+                task.id,
+                task.attempt,
+            )
 
     async def _with_retries(self, op: Any) -> Any:
         delay = 0.05
