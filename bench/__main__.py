@@ -113,8 +113,9 @@ async def bench_bloat(s: Schemas, n: int) -> dict[str, Any]:
     other = await timed(lambda: drain(bloated, 10))
     await clean.close()
     await bloated.close()
-    return _row("dequeue vs finished rows", f"{n} tasks, empty table", base,
-                f"same beside {finished} finished rows", other, n)
+    return _row(
+        "dequeue vs finished rows", f"{n} tasks, empty table", base, f"same beside {finished} finished rows", other, n
+    )
 
 
 async def bench_worker(s: Schemas, n: int) -> dict[str, Any]:
@@ -138,8 +139,7 @@ async def bench_worker(s: Schemas, n: int) -> dict[str, Any]:
     repo = await s.repo()
     await repo.close()
     other = await run({"type": "postgres", "dsn": s.dsn, "schema": s.made[-1]})
-    return _row("worker end to end", f"{n} no-op tasks, memory store", base,
-                "same on postgres", other, n)
+    return _row("worker end to end", f"{n} no-op tasks, memory store", base, "same on postgres", other, n)
 
 
 def _row(name: str, base_label: str, base: float, label: str, t: float, n: int) -> dict[str, Any]:

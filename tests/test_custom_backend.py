@@ -312,9 +312,17 @@ def test_from_config_takes_an_object_and_the_atomic_flag() -> None:
     store = DictStore()
     assert CustomRepository.from_config(store).multi_process is False
     assert CustomRepository.from_config(store, atomic=True).multi_process is True
-    repo = make_repository({"type": "custom", "repository": {
-        "load_tasks": store.load_tasks, "save_tasks": store.save_tasks, "dequeue": store.dequeue, "atomic": True,
-    }})
+    repo = make_repository(
+        {
+            "type": "custom",
+            "repository": {
+                "load_tasks": store.load_tasks,
+                "save_tasks": store.save_tasks,
+                "dequeue": store.dequeue,
+                "atomic": True,
+            },
+        }
+    )
     assert isinstance(repo, CustomRepository) and repo.multi_process and not repo.can_delete
 
 

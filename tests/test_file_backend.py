@@ -347,7 +347,7 @@ async def test_processes_adding_and_dequeuing_at_once_lose_nothing(path: Path) -
 
 
 async def test_non_ascii_text_round_trips(path: Path) -> None:
-    payload = {"text": "caf\u00e9 \u2028 \U0001f600 \\n \"q\""}
+    payload = {"text": 'caf\u00e9 \u2028 \U0001f600 \\n "q"'}
     await FileRepository(path).add([NewTask(handler="h", payload=payload, id="u")])
     got = await FileRepository(path).get("u")
     assert got is not None and got.payload == payload

@@ -62,15 +62,26 @@ class WorkerProcess:
         self._log = log_path.open("w")
         self.proc = subprocess.Popen(
             [
-                sys.executable, "-m", "kubeque", "worker",
-                "--app", APP,
-                "--dsn", dsn,
-                "--schema", schema,
-                "--application-name", app_name,
-                "--metrics-host", "127.0.0.1",
-                "--metrics-port", str(self.port),
-                "--stats-interval", "0.3",
-                "--log-level", "debug",
+                sys.executable,
+                "-m",
+                "kubeque",
+                "worker",
+                "--app",
+                APP,
+                "--dsn",
+                dsn,
+                "--schema",
+                schema,
+                "--application-name",
+                app_name,
+                "--metrics-host",
+                "127.0.0.1",
+                "--metrics-port",
+                str(self.port),
+                "--stats-interval",
+                "0.3",
+                "--log-level",
+                "debug",
                 *args,
             ],
             cwd=ROOT,
@@ -187,6 +198,11 @@ def statuses(dsn: str, schema: str, *ids: str) -> dict[str, str]:
     return {i: found[i]["status"] for i in ids}
 
 
+def lines_about(log: str, task_id: str, level: str) -> list[str]:
+    """Text log lines at ``level`` that name ``task_id``."""
+    return [line for line in log.splitlines() if f" {level} " in line and task_id in line]
+
+
 # --- shutdown ------------------------------------------------------------------
 
 
@@ -202,9 +218,7 @@ def test_sigterm_drains_and_returns_unfinished_tasks_without_spending_an_attempt
     q.add_task("ok", {}, id="waiting-2")
     worker = spawn("--concurrency", "4", "--grace", "2.5")
     running = ("short-1", "short-2", "long-async", "long-thread")
-    wait_until(
-        lambda: set(statuses(pg_dsn, pg_schema, *running).values()) == {"processing"}, 20, "four running tasks"
-    )
+    wait_until(lambda: set(statuses(pg_dsn, pg_schema, *running).values()) == {"processing"}, 20, "four running tasks")
 
     worker.signal(signal.SIGTERM)
     wait_until(lambda: worker.get("/readyz")[0] != 200, 2, "readiness to drop at SIGTERM")
@@ -235,9 +249,21 @@ def test_second_signal_exits_at_once(
     worker.signal(signal.SIGTERM)
     wait_until(lambda: "draining" in worker.log(), 5, "the drain to begin")
     worker.signal(signal.SIGTERM)
-    assert worker.wait_exit(5) != 0
+    assert worker.wait_exit(5) == 128 + signal.SIGTERM
     # Left for lease expiry: still held by the dead worker.
     assert statuses(pg_dsn, pg_schema, "long")["long"] == "processing"
+
+
+def test_second_ctrl_c_exits_130(
+    spawn: Callable[..., WorkerProcess], queue: QueueManager, pg_dsn: str, pg_schema: str
+) -> None:
+    queue.sync.add_task("sleep", {"seconds": 60}, id="long")
+    worker = spawn("--grace", "60")
+    wait_until(lambda: statuses(pg_dsn, pg_schema, "long")["long"] == "processing", 20, "the task to start")
+    worker.signal(signal.SIGINT)
+    wait_until(lambda: "draining" in worker.log(), 5, "the drain to begin")
+    worker.signal(signal.SIGINT)
+    assert worker.wait_exit(5) == 128 + signal.SIGINT  # 130, as a shell reports Ctrl-C
 
 
 # --- crashes and lost connections ----------------------------------------------
@@ -257,15 +283,21 @@ def test_sigkill_mid_task_is_reclaimed_by_another_worker_within_allowed_attempts
     first.signal(signal.SIGKILL)
     first.wait_exit(5)
 
-    spawn("--concurrency", "2", "--lease-ms", "1000", "--worker-id", "second")
+    second = spawn("--concurrency", "2", "--lease-ms", "1000", "--worker-id", "second")
     wait_until(
-        lambda: statuses(pg_dsn, pg_schema, "retryable", "no-retries")
-        == {"retryable": "completed", "no-retries": "failed"},
+        lambda: (
+            statuses(pg_dsn, pg_schema, "retryable", "no-retries") == {"retryable": "completed", "no-retries": "failed"}
+        ),
         20,
         "the second worker to reclaim both tasks",
     )
     found = tasks(pg_dsn, pg_schema)
     retryable, once = found["retryable"], found["no-retries"]
+    log = second.log()
+    (reclaimed,) = lines_about(log, "retryable", "WARNING")
+    assert "reclaimed" in reclaimed and "will be retried" in reclaimed and "outcome=lost" in reclaimed
+    (lost,) = lines_about(log, "no-retries", "WARNING")
+    assert "failed for good" in lost and "outcome=lost" in lost and "lease expired" in lost
     assert retryable["attempt"] == 2
     assert retryable["retry_count"] == 1
     assert retryable["result"] == {"attempt": 2}
@@ -320,9 +352,7 @@ def test_connections_killed_mid_task_lose_no_completion(
     assert killed > 0
     assert statuses(pg_dsn, pg_schema, "survivor")["survivor"] == "processing"
 
-    wait_until(
-        lambda: statuses(pg_dsn, pg_schema, "survivor")["survivor"] == "completed", 30, "the completion to land"
-    )
+    wait_until(lambda: statuses(pg_dsn, pg_schema, "survivor")["survivor"] == "completed", 30, "the completion to land")
     survivor = tasks(pg_dsn, pg_schema)["survivor"]
     assert survivor["attempt"] == 1
     assert survivor["retry_count"] == 0
@@ -391,8 +421,8 @@ def test_json_logs_are_one_object_per_line_and_never_carry_payloads(
 ) -> None:
     worker = spawn("--log-json")
     worker.wait_ready()
-    queue.sync.add_task("ok", {"n": "secret-payload-marker"}, id="logged")
-    queue.sync.add_task("boom", {"n": "secret-payload-marker"}, id="failing", max_retries=0)
+    queue.sync.add_task("ok", {"n": 1, "secret": "secret-payload-marker"}, id="logged")
+    queue.sync.add_task("boom", {"n": 2, "secret": "secret-payload-marker"}, id="failing", max_retries=0)
     wait_until(
         lambda: statuses(pg_dsn, pg_schema, "logged", "failing") == {"logged": "completed", "failing": "failed"},
         10,
@@ -404,9 +434,90 @@ def test_json_logs_are_one_object_per_line_and_never_carry_payloads(
     assert all({"ts", "level", "logger", "msg"} <= set(entry) for entry in lines)
     events = [e for e in lines if e.get("task_id") == "logged"]
     assert [e["event"] for e in events] == ["task_started", "task_completed"]
-    # The handler's error text may quote its input; it goes out at debug only, never at info.
-    assert not any("secret-payload-marker" in json.dumps(e) for e in lines if e["level"] != "debug")
-    assert not any("secret-payload-marker" in json.dumps(e) for e in events)
+    assert not any("secret-payload-marker" in json.dumps(e) for e in lines)
+    (failed,) = [e for e in lines if e.get("task_id") == "failing" and e["level"] == "warning"]
+    assert failed["event"] == "task_failed" and failed["handler"] == "boom" and failed["attempt"] == 1
+    assert failed["outcome"] == "error" and failed["error"] == "ValueError: boom 2"
+
+
+def test_problems_are_logged_at_info_level_with_ids_and_errors_but_no_payloads(
+    spawn: Callable[..., WorkerProcess], queue: QueueManager, pg_dsn: str, pg_schema: str
+) -> None:
+    q = queue.sync
+    marker = {"secret": "secret-payload-marker"}
+    q.add_task("boom", {"n": 1, **marker}, id="fails-for-good", max_retries=1)
+    q.add_task("nosuch", marker, id="unknown-handler")
+    q.add_task("sleep", {"seconds": 30, **marker}, id="times-out", max_processing_time=300, max_retries=1)
+    q.add_task("ok", marker, id="fine")
+    worker = spawn("--log-level", "info", "--concurrency", "4")
+    ids = ("fails-for-good", "unknown-handler", "times-out", "fine")
+    wait_until(
+        lambda: (
+            statuses(pg_dsn, pg_schema, *ids)
+            == {"fails-for-good": "failed", "unknown-handler": "failed", "times-out": "failed", "fine": "completed"}
+        ),
+        20,
+        "every task to finish",
+    )
+    worker.signal(signal.SIGTERM)
+    assert worker.wait_exit(10) == 0
+    log = worker.log()
+    assert "secret-payload-marker" not in log
+    assert " DEBUG " not in log
+
+    (boom,) = lines_about(log, "fails-for-good", "WARNING")  # its retry stays at debug
+    for fragment in (
+        "failed for good",
+        "handler=boom",
+        "attempt=2",
+        "retries=1/1",
+        "outcome=error",
+        "error='ValueError: boom 1'",
+    ):
+        assert fragment in boom
+    (unknown,) = lines_about(log, "unknown-handler", "WARNING")
+    assert "failed for good" in unknown and "outcome=unknown_handler" in unknown and "'nosuch'" in unknown
+    stuck, final = lines_about(log, "times-out", "WARNING")
+    assert "max_processing_time" in stuck and "will be retried" in stuck and "attempt=1" in stuck
+    assert "failed for good" in final and "outcome=timeout" in final and "attempt=2" in final
+    assert not lines_about(log, "fine", "WARNING") and not lines_about(log, "fine", "INFO")
+
+
+# --- startup -------------------------------------------------------------------
+
+
+def test_worker_says_when_it_created_the_schema_and_names_schema_and_database(
+    spawn: Callable[..., WorkerProcess], pg_dsn: str, pg_schema: str
+) -> None:
+    from kubeque.backends.postgres.connect import describe
+
+    worker = spawn("--log-level", "info")
+    worker.wait_ready()
+    log = worker.log()
+    (created,) = [line for line in log.splitlines() if "created the queue schema" in line]
+    assert " WARNING " in created and repr(pg_schema) in created and describe(pg_dsn) in created
+    (started,) = [line for line in log.splitlines() if "started:" in line and "kubeque.process" in line]
+    assert repr(pg_schema) in started and describe(pg_dsn) in started
+    assert "1 slot;" in started and "handlers: boom, ok, sleep" in started
+
+    again = spawn("--log-level", "info")  # the schema exists now: nothing to say
+    again.wait_ready()
+    assert "created the queue schema" not in again.log()
+
+
+def test_second_worker_on_the_same_metrics_port_names_the_port(
+    spawn: Callable[..., WorkerProcess], queue: QueueManager
+) -> None:
+    first = spawn()
+    first.wait_ready()
+    second = spawn("--metrics-port", str(first.port))
+    assert second.wait_exit(20) == 1
+    log = second.log()
+    assert (
+        f"Error: cannot serve metrics on port {first.port}: address already in use "
+        "(pass another --metrics-port or 0 to disable)"
+    ) in log
+    assert "Errno" not in log and "Traceback" not in log
 
 
 # --- the same parts in-process, without the CLI ----------------------------------

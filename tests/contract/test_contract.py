@@ -607,9 +607,7 @@ async def test_events_follow_a_task_through_its_life(make_qm: Callable[..., Queu
 # --- concurrency within one process ------------------------------------------
 
 
-async def test_concurrent_dequeuers_never_share_a_task(
-    make_qm: Callable[..., QueueManager], backend_name: str
-) -> None:
+async def test_concurrent_dequeuers_never_share_a_task(make_qm: Callable[..., QueueManager], backend_name: str) -> None:
     qm = make_qm(validate_handlers=False)
     await qm.add_tasks([{"handler": "h", "payload": {"i": i}} for i in range(300)])
 

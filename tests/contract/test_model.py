@@ -86,8 +86,13 @@ async def run_scenario(config: Any, steps: list[tuple[Any, ...]]) -> None:
             if kind == "add":
                 _, count, priority, max_retries = step
                 news = [
-                    NewTask(handler="h", payload={"n": n + i}, id=f"task-{n + i}", priority=priority,
-                            max_retries=max_retries)
+                    NewTask(
+                        handler="h",
+                        payload={"n": n + i},
+                        id=f"task-{n + i}",
+                        priority=priority,
+                        max_retries=max_retries,
+                    )
                     for i in range(count)
                 ]
                 n += count
@@ -127,9 +132,10 @@ async def run_scenario(config: Any, steps: list[tuple[Any, ...]]) -> None:
             elif kind == "reclaim":
                 await asyncio.sleep(0.003)  # let the 1 ms leases run out
                 expired = await repo.expired(1000)
-                assert {t.id for t in expired} == {
-                    i for i, r in model.rows.items() if r.status == "processing"
-                }, (steps, kind)
+                assert {t.id for t in expired} == {i for i, r in model.rows.items() if r.status == "processing"}, (
+                    steps,
+                    kind,
+                )
                 for t in expired:
                     out = await repo.fail(
                         Failure(t.id, t.attempt, "lost", retry_delay_ms=0, outcome="lost", only_if_expired=True)

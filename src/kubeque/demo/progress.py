@@ -17,7 +17,7 @@ from rich.text import Text
 class Snapshot:
     """What the queue and the workers look like at one moment."""
 
-    elapsed_s: float
+    elapsed_s: float  # since the demo started its workers: one clock for every phase
     total: int
     added: int
     counts: dict[str, int]
@@ -52,6 +52,7 @@ class LiveProgress:
         self.console = console
         self._live = Live(console=console, refresh_per_second=8, transient=False)
         self._rate = Throughput()
+        self._shown = False
 
     def __enter__(self) -> LiveProgress:
         self._live.__enter__()
@@ -61,8 +62,13 @@ class LiveProgress:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self._live.__exit__(exc_type, exc, tb)
+        # Off a terminal, rich writes the last frame without a line end; whatever
+        # is printed next (the summary) must start on a line of its own.
+        if self._shown and not self.console.is_terminal and not self.console.is_jupyter:
+            self.console.line()
 
     def update(self, snap: Snapshot) -> None:
+        self._shown = True
         self._live.update(self.render(snap, self._rate.add(snap.elapsed_s, snap.finished)))
 
     @staticmethod

@@ -61,7 +61,9 @@ class Metrics:
             registry=reg,
         )
         self.retries = Counter(
-            "kubeque_task_retries", "Failed attempts that were scheduled to run again.", ["queue", "handler"],
+            "kubeque_task_retries",
+            "Failed attempts that were scheduled to run again.",
+            ["queue", "handler"],
             registry=reg,
         )
         self.duration = Histogram(

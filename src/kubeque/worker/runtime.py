@@ -136,7 +136,7 @@ class Worker:
             self._loops.append(asyncio.create_task(self._reclaimer.run(), name="kubeque-reclaim"))
         if self._pruner is not None:
             self._loops.append(asyncio.create_task(self._pruner.run(), name="kubeque-prune"))
-        self.logger.info("worker %s started with %d slots", self.id, self.concurrency)
+        self.logger.info("worker %s started with %s", self.id, _count(self.concurrency, "slot"))
 
     async def wait(self) -> None:
         """Block until the worker stops; re-raise a handler error under crash_on_worker_error."""
@@ -153,7 +153,7 @@ class Worker:
             await take
         jobs = [r.job for r in self._in_flight.values() if r.job is not None]
         if jobs:
-            self.logger.info("waiting up to %.0fs for %d running tasks", grace, len(jobs))
+            self.logger.info("waiting up to %.0fs for %s", grace, _count(len(jobs), "running task"))
             await asyncio.wait(jobs, timeout=grace)
         leftover = list(self._in_flight.values())
         if leftover:
@@ -165,9 +165,11 @@ class Worker:
             try:
                 released = await self.repo.release([Lease(r.task.id, r.task.attempt) for r in leftover])
                 self.counters.released += len(released)
-                self.logger.info("returned %d unfinished tasks to pending", len(released))
+                self.logger.info("returned %s to pending", _count(len(released), "unfinished task"))
             except Exception as exc:
-                self.logger.warning("could not release %d tasks (%s); their leases will expire", len(leftover), exc)
+                self.logger.warning(
+                    "could not release %s (%s); their leases will expire", _count(len(leftover), "task"), exc
+                )
             self._in_flight.clear()
         await self._completions.close()
         for loop_task in self._loops[1:]:
@@ -332,8 +334,7 @@ class Worker:
             await self._emit("task_completed", task, result=stored, duration_s=duration, outcome="completed")
         else:
             self.logger.warning(
-                "result of task %s (attempt %d) not stored: the task was removed, changed or reclaimed "
-                "while it ran",
+                "result of task %s (attempt %d) not stored: the task was removed, changed or reclaimed while it ran",
                 task.id,
                 task.attempt,
             )
@@ -363,8 +364,7 @@ class Worker:
             await self._emit("task_failed", task, error=error, duration_s=duration, outcome=outcome)
         else:
             self.logger.warning(
-                "failure of task %s (attempt %d) not stored: the task was removed, changed or reclaimed "
-                "while it ran",
+                "failure of task %s (attempt %d) not stored: the task was removed, changed or reclaimed while it ran",
                 task.id,
                 task.attempt,
             )
@@ -389,6 +389,10 @@ class Worker:
     async def _emit(self, name: str, task: Task, **data: Any) -> None:
         if self.manager.events.has_listeners(name):
             await self.manager.events.emit(TaskEvent(name, task=task, task_id=task.id, **data))
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _wait_seconds(task: Task) -> float | None:
