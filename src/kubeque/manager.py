@@ -28,6 +28,7 @@ from .task import (
     DEFAULT_MAX_RETRIES,
     DEFAULT_RETRY_BACKOFF_MS,
     NewTask,
+    QueueDepth,
     QueueStats,
     Task,
     TaskStatus,
@@ -471,6 +472,12 @@ class QueueManager:
         """Counts by status and the age of the oldest due pending task."""
         await self.open()
         return await self.repository.stats()
+
+    async def depth(self) -> QueueDepth:
+        """Pending and processing counts and the oldest due pending age; cheap on
+        every store (finished tasks are not counted)."""
+        await self.open()
+        return await self.repository.depth()
 
     async def purge(
         self,

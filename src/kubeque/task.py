@@ -188,6 +188,23 @@ class QueueStats:
         return {"counts": dict(self.counts), "oldest_pending_age_s": self.oldest_pending_age_s}
 
 
+@dataclass(frozen=True)
+class QueueDepth:
+    """The waiting and running work, cheap enough to read every few seconds."""
+
+    pending: int
+    processing: int
+    oldest_pending_age_s: float | None  # of tasks already due; None when none are
+
+    @classmethod
+    def from_stats(cls, stats: QueueStats) -> QueueDepth:
+        return cls(
+            pending=stats.counts.get(TaskStatus.PENDING.value, 0),
+            processing=stats.counts.get(TaskStatus.PROCESSING.value, 0),
+            oldest_pending_age_s=stats.oldest_pending_age_s,
+        )
+
+
 # --- payload rules -----------------------------------------------------------
 
 _NUL = re.compile(r"\\u0000")

@@ -713,3 +713,16 @@ async def test_removing_a_running_task_stops_its_handler(make_qm: Callable[..., 
     await qm.stop_worker()
     got = await qm.get_task(t.id)
     assert got is not None and got.status is TaskStatus.DELETED and got.result is None
+
+
+async def test_depth_counts_live_work_only(make_qm: Callable[..., QueueManager]) -> None:
+    qm = make_qm(validate_handlers=False)
+    assert (await qm.depth()).pending == 0 and (await qm.depth()).oldest_pending_age_s is None
+    added = await qm.add_tasks([{"handler": "h"} for _ in range(4)])
+    await qm.add_task("h", {}, delay=3600)
+    taken = await qm.repository.dequeue("w", 2, 30_000)
+    await qm.repository.complete([Completion(taken[0].id, taken[0].attempt)])
+    await asyncio.sleep(0.05)
+    d = await qm.depth()
+    assert (d.pending, d.processing) == (3, 1) and len(added) == 4
+    assert d.oldest_pending_age_s is not None and d.oldest_pending_age_s > 0

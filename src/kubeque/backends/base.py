@@ -22,7 +22,7 @@ from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
 
-from ..task import Completion, FailOutcome, Failure, Lease, NewTask, QueueStats, Task, TaskStatus
+from ..task import Completion, FailOutcome, Failure, Lease, NewTask, QueueDepth, QueueStats, Task, TaskStatus
 
 # Fields callers may change through update_task; the rest belong to the queue.
 UPDATABLE_FIELDS = frozenset(
@@ -82,6 +82,10 @@ class Repository(Protocol):
         """Soft removal sets ``deleted``; hard removal deletes. False if absent."""
 
     async def stats(self) -> QueueStats: ...
+
+    async def depth(self) -> QueueDepth:
+        """Pending and processing counts and the oldest due pending age, without
+        touching finished tasks (metrics and scaling read it often)."""
 
     async def purge(self, older_than_ms: int, statuses: Collection[TaskStatus], limit: int) -> int:
         """Delete up to ``limit`` tasks of ``statuses`` not updated for ``older_than_ms``."""

@@ -36,6 +36,7 @@ from ..task import (
     Failure,
     Lease,
     NewTask,
+    QueueDepth,
     QueueStats,
     Task,
     TaskStatus,
@@ -399,6 +400,10 @@ class RedisRepository:
         """Soft removal sets ``deleted``; hard removal deletes. False if absent."""
         reply = await self._run("remove", [task_id, int(bool(hard))], "remove a task")
         return bool(reply)
+
+    async def depth(self) -> QueueDepth:
+        """The stats script reads only index sizes: already cheap."""
+        return QueueDepth.from_stats(await self.stats())
 
     async def stats(self) -> QueueStats:
         """Counts for every status (zeros included) and the age of the oldest due pending task."""

@@ -20,6 +20,7 @@ from ..task import (
     Failure,
     Lease,
     NewTask,
+    QueueDepth,
     QueueStats,
     Task,
     TaskStatus,
@@ -350,6 +351,9 @@ class TableRepository:
 
     async def stats(self) -> QueueStats:
         return await self._apply(lambda t, now: t.stats(now))
+
+    async def depth(self) -> QueueDepth:
+        return QueueDepth.from_stats(await self.stats())
 
     async def purge(self, older_than_ms: int, statuses: Collection[TaskStatus], limit: int) -> int:
         wanted = frozenset(statuses)

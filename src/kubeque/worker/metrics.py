@@ -2,7 +2,7 @@
 
 Counters and histograms follow the task events (one listener each); gauges
 read the worker at scrape time, and the queue's depth comes from a periodic
-``stats()`` call (:meth:`Metrics.refresh`), never from a scrape. Labels are
+``depth()`` call (:meth:`Metrics.refresh`), never from a scrape. Labels are
 ``queue`` and ``handler`` only, plus ``outcome`` on ``kubeque_tasks_total``.
 
 Usable without the CLI::
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from ..events import TaskEvent
-from ..task import QueueStats
+from ..task import QueueDepth
 
 if TYPE_CHECKING:
     from ..manager import QueueManager
@@ -52,7 +52,6 @@ class Metrics:
         self.manager = manager
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self.queue = queue or queue_label(manager)
-        self.last_stats: QueueStats | None = None
         reg = self.registry
         self.tasks = Counter(
             "kubeque_tasks",
@@ -129,13 +128,12 @@ class Metrics:
             self.manager.off(name, listener)
         self.in_flight.labels(self.queue).set(0)
 
-    async def refresh(self) -> QueueStats:
+    async def refresh(self) -> QueueDepth:
         """Read the queue's depth from the store and set the queue gauges; raises if the store is away."""
-        stats = await self.manager.stats()
-        self.pending.labels(self.queue).set(stats.counts.get("pending", 0))
-        self.oldest_age.labels(self.queue).set(stats.oldest_pending_age_s or 0.0)
-        self.last_stats = stats
-        return stats
+        depth = await self.manager.depth()
+        self.pending.labels(self.queue).set(depth.pending)
+        self.oldest_age.labels(self.queue).set(depth.oldest_pending_age_s or 0.0)
+        return depth
 
     def exposition(self) -> bytes:
         """The registry in the Prometheus text format."""

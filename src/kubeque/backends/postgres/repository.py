@@ -33,6 +33,7 @@ from ...task import (
     Failure,
     Lease,
     NewTask,
+    QueueDepth,
     QueueStats,
     Task,
     TaskStatus,
@@ -422,6 +423,16 @@ class PostgresRepository:
         counts.update({k: int(v) for k, v in (rows[0]["counts"] or {}).items()})
         age = rows[0]["oldest_pending_age_s"]
         return QueueStats(counts=counts, oldest_pending_age_s=None if age is None else max(0.0, float(age)))
+
+    async def depth(self) -> QueueDepth:
+        """Counts read from the pending and lease indexes only: cost follows the live work."""
+        rows = await self._rows("depth", {}, "read the queue depth")
+        age = rows[0]["oldest_pending_age_s"]
+        return QueueDepth(
+            pending=int(rows[0]["pending"]),
+            processing=int(rows[0]["processing"]),
+            oldest_pending_age_s=None if age is None else max(0.0, float(age)),
+        )
 
     async def purge(self, older_than_ms: int, statuses: Collection[TaskStatus], limit: int) -> int:
         """Delete up to ``limit`` tasks of ``statuses`` not updated for ``older_than_ms``."""
