@@ -156,3 +156,22 @@ async def test_misspelt_option_is_refused_not_stored_as_extra() -> None:
     assert await qm.get_all_tasks() == []
     t = await qm.add_task("h", {}, tenant="acme", extra={"priorty": 5})
     assert t is not None and t.extra == {"tenant": "acme", "priorty": 5} and t.priority == 0
+
+
+def test_a_backend_object_missing_methods_is_named() -> None:
+    class Partial:
+        name = "partial"
+        multi_process = False
+
+        async def open(self) -> None:
+            return None
+
+    with pytest.raises(ConfigError, match="lacks add, close, complete"):
+        QueueManager(Partial())  # type: ignore[arg-type]
+
+
+def test_failure_text_is_sanitised_where_it_is_made() -> None:
+    from kubeque.task import Failure
+
+    f = Failure("t", 1, "bad\x00" + "x" * 10_000, retry_delay_ms=0)
+    assert "\x00" not in f.error and len(f.error) <= 4000

@@ -127,10 +127,6 @@ class HandlerRegistry:
             raise ConfigError(f"handler name must be a non-empty string of at most 255 characters, not {name!r}")
         if not callable(fn):
             raise ConfigError(f"handler {name!r} must be callable, not {type(fn).__name__}")
-        if max_retries is not None and max_retries < 0:
-            raise ConfigError(f"handler {name!r}: max_retries must be >= 0")
-        if max_processing_time is not None and max_processing_time <= 0:
-            raise ConfigError(f"handler {name!r}: max_processing_time must be > 0 ms")
         declared = schema if schema is not None else _declared_schema(fn)
         adapter = None
         if declared is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import difflib
 import logging
+import math
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -46,16 +47,29 @@ _TASK_OPTIONS = frozenset(
 )
 
 
-def to_ms(value: int | float | timedelta | None, what: str, *, allow_zero: bool = False) -> int | None:
-    """Milliseconds from an int/float of ms or a timedelta; refuse nonsense clearly."""
+# Durations past this are mistakes (a timestamp passed as a delay, say), and
+# some stores could not hold the times they lead to.
+MAX_DURATION_MS = 10 * 365 * 24 * 3600 * 1000
+MAX_RETRIES_LIMIT = 2**31 - 1
+
+
+def to_ms(
+    value: int | float | timedelta | None, what: str, *, allow_zero: bool = False, scale: float = 1.0
+) -> int | None:
+    """Milliseconds from a number (of ms, or of seconds with scale=1000) or a
+    timedelta; refuse nonsense clearly."""
     if value is None:
         return None
     if isinstance(value, timedelta):
-        ms = int(value.total_seconds() * 1000)
+        raw = value.total_seconds() * 1000
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        ms = int(value)
+        raw = value * scale
     else:
-        raise ConfigError(f"{what} must be milliseconds (int) or a timedelta, not {type(value).__name__}")
+        unit = "seconds" if scale == 1000 else "milliseconds (int)"
+        raise ConfigError(f"{what} must be {unit} or a timedelta, not {type(value).__name__}")
+    if not math.isfinite(raw) or abs(raw) > MAX_DURATION_MS:
+        raise ConfigError(f"{what} must be at most 10 years, got {value!r}")
+    ms = int(raw)
     if ms < 0 or (ms == 0 and not allow_zero):
         raise ConfigError(f"{what} must be {'>= 0' if allow_zero else '> 0'} ms, got {ms}")
     return ms
@@ -100,8 +114,7 @@ class QueueManager:
                 f"the {self.repository.name} backend cannot be shared between processes, so it cannot run "
                 "'multi-atomic'; use the postgres, redis or file backend, or process_type='single'"
             )
-        if max_retries < 0:
-            raise ConfigError("max_retries must be >= 0")
+        _max_retries(max_retries)
         if poll_interval <= 0:
             raise ConfigError("poll_interval must be > 0 seconds")
         self.name = name
@@ -171,7 +184,7 @@ class QueueManager:
         return self.handlers.register(
             name,
             fn,
-            max_retries=max_retries,
+            max_retries=None if max_retries is None else _max_retries(max_retries),
             max_processing_time=to_ms(max_processing_time, "max_processing_time"),
             retry_backoff_ms=to_ms(retry_backoff_ms, "retry_backoff_ms", allow_zero=True),
             schema=schema,
@@ -281,7 +294,7 @@ class QueueManager:
             raise
         if extra:
             try:
-                check_payload(extra, max_bytes=self.max_payload_bytes)
+                extra = check_payload(extra, max_bytes=self.max_payload_bytes)
             except PayloadError as exc:
                 raise PayloadError(f"extra task fields: {exc}") from None
 
@@ -300,16 +313,7 @@ class QueueManager:
             raise ConfigError("give run_at or delay, not both")
         if run_at is not None:
             run_at = _run_at(run_at)
-        delay_ms = 0
-        if delay is not None:
-            if isinstance(delay, timedelta):
-                delay_ms = int(delay.total_seconds() * 1000)
-            elif isinstance(delay, (int, float)) and not isinstance(delay, bool):
-                delay_ms = int(delay * 1000)
-            else:
-                raise ConfigError(f"delay must be seconds or a timedelta, not {type(delay).__name__}")
-            if delay_ms < 0:
-                raise ConfigError("delay must not be negative")
+        delay_ms = to_ms(delay, "delay", allow_zero=True, scale=1000) or 0
         task_id = opts.get("id")
         if task_id is None:
             task_id = str(uuid.uuid4())
@@ -366,7 +370,7 @@ class QueueManager:
                 raise ConfigError(f"task #{i} must be a mapping with a 'handler' key")
             opts = {k: v for k, v in spec.items() if k not in ("handler", "payload")}
             try:
-                new = self._new_task(spec["handler"], spec.get("payload") or {}, opts)
+                new = self._new_task(spec["handler"], {} if spec.get("payload") is None else spec["payload"], opts)
             except KubequeError as exc:
                 raise type(exc)(f"task #{i}: {exc}") from None
             if new is not None:
@@ -456,8 +460,7 @@ class QueueManager:
             clean["run_at"] = _run_at(fields["run_at"])
         if "extra" in fields:
             e = fields["extra"]
-            check_payload(e, max_bytes=self.max_payload_bytes)
-            clean["extra"] = e
+            clean["extra"] = check_payload(e, max_bytes=self.max_payload_bytes)
         return await self.repository.update(task_id, clean)
 
     async def remove_task(self, task_id: str, hard: bool = False) -> bool:
@@ -526,8 +529,8 @@ def _priority(value: Any) -> int:
 
 
 def _max_retries(value: Any) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ConfigError(f"max_retries must be an integer >= 0, not {value!r}")
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_RETRIES_LIMIT:
+        raise ConfigError(f"max_retries must be an integer from 0 to {MAX_RETRIES_LIMIT}, not {value!r}")
     return value
 
 

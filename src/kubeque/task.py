@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 import random
-import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -173,6 +173,10 @@ class Failure:
     # The limit when the task stores none (added where its handler was unknown).
     max_retries: int = DEFAULT_MAX_RETRIES
 
+    def __post_init__(self) -> None:
+        # Sanitised here, once, so that no store can fail to record a failure.
+        object.__setattr__(self, "error", sanitise_error(self.error))
+
 
 class FailOutcome(enum.StrEnum):
     RETRIED = "retried"
@@ -207,7 +211,9 @@ class QueueDepth:
 
 # --- payload rules -----------------------------------------------------------
 
-_NUL = re.compile(r"\\u0000")
+# Floats this large are integral, and PostgreSQL's jsonb gives them back as
+# integers: every store keeps them as integers so all give back the same.
+_INTEGRAL_FLOAT = 1e16
 
 
 def encode_json(value: Any, *, what: str = "payload", max_bytes: int | None = None) -> str:
@@ -217,7 +223,8 @@ def encode_json(value: Any, *, what: str = "payload", max_bytes: int | None = No
     characters, lone surrogates, non-JSON types, non-string keys, over-size.
     """
     try:
-        text = json.dumps(value, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
+        normal = _normalise(value, what)
+        text = json.dumps(normal, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
     except ValueError as exc:
         if "Out of range float" in str(exc):
             raise PayloadError(f"{what} contains NaN or Infinity, which JSON cannot hold") from None
@@ -229,31 +236,35 @@ def encode_json(value: Any, *, what: str = "payload", max_bytes: int | None = No
         ) from None
     except RecursionError:
         raise PayloadError(f"{what} is nested too deeply to be stored as JSON") from None
-    if _NUL.search(text):
-        raise PayloadError(f"{what} contains a NUL character (\\u0000), which PostgreSQL cannot store")
     try:
         size = len(text.encode("utf-8"))
     except UnicodeEncodeError:
         raise PayloadError(f"{what} contains a lone surrogate character, which is not valid UTF-8") from None
     if max_bytes is not None and size > max_bytes:
         raise PayloadError(f"{what} is {size} bytes of JSON, over the limit of {max_bytes} bytes")
-    _check_keys(value, what)
     return text
 
 
-def _check_keys(value: Any, what: str) -> None:
-    # json.dumps turns int/float/bool/None keys into strings silently: a round
-    # trip would change the payload, so refuse them here.
-    stack = [value]
-    while stack:
-        v = stack.pop()
-        if isinstance(v, dict):
-            for k, item in v.items():
-                if not isinstance(k, str):
-                    raise PayloadError(f"{what} has a non-string key {k!r}; JSON keys must be strings")
-                stack.append(item)
-        elif isinstance(v, (list, tuple)):
-            stack.extend(v)
+def _normalise(value: Any, what: str) -> Any:
+    """The value as every store gives it back: string keys only (json.dumps would
+    turn others into strings silently), no NUL in any string, large floats as
+    integers. Anything else non-JSON is left for json.dumps to refuse."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise PayloadError(f"{what} contains a NUL character (\\u0000), which PostgreSQL cannot store")
+        return value
+    if isinstance(value, dict):
+        out = {}
+        for k, item in value.items():
+            if not isinstance(k, str):
+                raise PayloadError(f"{what} has a non-string key {k!r}; JSON keys must be strings")
+            out[_normalise(k, what)] = _normalise(item, what)
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_normalise(item, what) for item in value]
+    if isinstance(value, float) and math.isfinite(value) and abs(value) >= _INTEGRAL_FLOAT:
+        return int(value)
+    return value
 
 
 def check_payload(payload: Any, *, max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import pytest
 from pydantic import BaseModel
 
 from kubeque import (
+    ConfigError,
     DuplicateTaskError,
     PayloadError,
     PayloadValidationError,
@@ -406,6 +407,7 @@ async def test_payload_round_trips_exactly(make_qm: Callable[..., QueueManager])
         "n": [0, -1, 2**53, 1.5, -0.25, True, False, None],
         "nested": {"a": {"b": {"c": []}}, "": "empty key"},
         "big": 10**30,
+        "literal escape": "C:\\u0000\\data",  # the text backslash-u-0000, not a NUL
     }
     t = await qm.add_task("h", payload)
     assert t is not None
@@ -726,3 +728,41 @@ async def test_depth_counts_live_work_only(make_qm: Callable[..., QueueManager])
     d = await qm.depth()
     assert (d.pending, d.processing) == (3, 1) and len(added) == 4
     assert d.oldest_pending_age_s is not None and d.oldest_pending_age_s > 0
+
+
+async def test_large_floats_come_back_as_the_same_integers_everywhere(make_qm: Callable[..., QueueManager]) -> None:
+    qm = make_qm(validate_handlers=False)
+    t = await qm.add_task("h", {"a": 1e16, "b": -2.5e300, "c": 1234.5}, tags=("x", "y"))
+    assert t is not None
+    got = await qm.get_task(t.id)
+    assert got is not None
+    assert got.payload == t.payload == {"a": 10**16, "b": int(-2.5e300), "c": 1234.5}
+    assert [type(got.payload[k]) for k in "abc"] == [int, int, float]
+    assert got.extra == t.extra == {"tags": ["x", "y"]}
+
+
+BAD_OPTIONS: list[tuple[str, dict[str, Any]]] = [
+    ("max_retries too large", {"max_retries": 2**31}),
+    ("delay of a timestamp", {"delay": 1e12}),
+    ("delay infinite", {"delay": math.inf}),
+    ("max_processing_time too large", {"max_processing_time": 10**15}),
+    ("retry_backoff_ms nan", {"retry_backoff_ms": math.nan}),
+]
+
+
+@pytest.mark.parametrize(("label", "options"), BAD_OPTIONS, ids=[b[0] for b in BAD_OPTIONS])
+async def test_out_of_range_options_are_refused_and_nothing_stored(
+    make_qm: Callable[..., QueueManager], label: str, options: dict[str, Any]
+) -> None:
+    qm = make_qm(validate_handlers=False)
+    with pytest.raises(ConfigError):
+        await qm.add_task("h", {}, **options)
+    assert await qm.get_all_tasks() == []
+
+
+@pytest.mark.parametrize("payload", [[], "", 0, False], ids=["empty list", "empty string", "zero", "false"])
+async def test_add_tasks_refuses_falsy_non_object_payloads(make_qm: Callable[..., QueueManager], payload: Any) -> None:
+    qm = make_qm(validate_handlers=False)
+    with pytest.raises(PayloadError):
+        await qm.add_tasks([{"handler": "h", "payload": payload}])
+    assert await qm.get_all_tasks() == []

@@ -21,7 +21,11 @@ def make_repository(config: Mapping[str, Any] | Repository) -> Repository:
     if not isinstance(config, Mapping):
         if isinstance(config, Repository):
             return config
-        raise ConfigError(f"backend must be a config mapping or a Repository, not {type(config).__name__}")
+        missing = sorted(m for m in _PROTOCOL_METHODS if not callable(getattr(config, m, None)))
+        raise ConfigError(
+            f"backend must be a config mapping or a Repository, not {type(config).__name__}"
+            + (f" (it lacks {', '.join(missing)})" if missing else "")
+        )
     opts = dict(config)
     kind = opts.pop("type", None)
     if kind == "memory":
@@ -56,6 +60,11 @@ def make_repository(config: Mapping[str, Any] | Repository) -> Repository:
             )
         return CustomRepository.from_config(repo)
     raise ConfigError(f"unknown backend type {kind!r}: use one of memory, file, postgres, redis, custom")
+
+
+_PROTOCOL_METHODS = [
+    name for name, value in vars(Repository).items() if callable(value) and not name.startswith("_")
+]
 
 
 def _no_extra(kind: str, opts: Mapping[str, Any]) -> None:

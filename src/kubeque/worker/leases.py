@@ -42,8 +42,13 @@ class LeaseKeeper:
         if not leases:
             return
         renewed = set(await self._repo.heartbeat(self._worker_id, leases, self._lease_ms))
+        # The store holds one attempt per task: an older attempt of a task this
+        # worker took again is lost even though the id was renewed.
+        newest: dict[str, int] = {}
         for lease in leases:
-            if lease.id not in renewed:
+            newest[lease.id] = max(lease.attempt, newest.get(lease.id, 0))
+        for lease in leases:
+            if lease.id not in renewed or lease.attempt < newest[lease.id]:
                 self._on_lost(lease)
 
     async def run(self) -> None:

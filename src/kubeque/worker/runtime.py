@@ -18,14 +18,14 @@ import socket
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from ..errors import KubequeError, PayloadError
 from ..events import TaskEvent
 from ..task import Completion, FailOutcome, Failure, Lease, Task, backoff_ms, encode_json, sanitise_error
-from .completions import CompletionBatcher
+from .completions import CompletionBatcher, CompletionRefused
 from .leases import LeaseKeeper, Reclaimer
 from .pruner import Pruner
 
@@ -38,8 +38,13 @@ class Running:
     task: Task
     started: float
     job: asyncio.Task[None] | None = None
-    finishing: bool = False  # its outcome is being written: no renewals, no cancelling
+    finishing: bool = False  # the handler is done and its outcome is being written: never cancelled
     lost: bool = False  # removed, changed or reclaimed elsewhere while it ran
+    released: bool = False  # handed back to pending at shutdown
+
+    @property
+    def key(self) -> Lease:
+        return Lease(self.task.id, self.task.attempt)
 
 
 @dataclass
@@ -51,7 +56,6 @@ class WorkerCounters:
     reclaimed: int = 0
     released: int = 0
     started: int = 0
-    errors: dict[str, int] = field(default_factory=dict)
 
 
 def default_worker_id() -> str:
@@ -81,10 +85,12 @@ class Worker:
         self.poll_interval = poll_interval or manager.poll_interval
         self.counters = WorkerCounters()
         self.running = False
-        self._in_flight: dict[str, Running] = {}
+        # Keyed by attempt: a task reclaimed elsewhere may come back to this
+        # worker while its earlier attempt is still stopping here.
+        self._in_flight: dict[Lease, Running] = {}
+        self._stuck_threads = 0  # sync handlers past their deadline or cancelled, still running
         self._stopping = asyncio.Event()
         self._slot_free = asyncio.Event()
-        self._releasing = False
         self._crash: BaseException | None = None
         self._threads = ThreadPoolExecutor(max_workers=concurrency + 4, thread_name_prefix="kubeque-task")
         self._completions = CompletionBatcher(self.repo, self.logger)
@@ -116,14 +122,16 @@ class Worker:
 
     @property
     def free_slots(self) -> int:
-        return self.concurrency - len(self._in_flight)
+        # A thread cannot be interrupted: it keeps its slot until it returns.
+        return self.concurrency - len(self._in_flight) - self._stuck_threads
 
     @property
     def dead_loop(self) -> str | None:
         """The name of a background loop that ended while not stopping (a bug; for liveness probes), else None."""
         if self._stopping.is_set():
             return None
-        return next((t.get_name() for t in self._loops if t.done()), None)
+        loops = [*self._loops, *([self._completions.task] if self._completions.task else [])]
+        return next((t.get_name() for t in loops if t.done()), None)
 
     async def start(self) -> None:
         self.running = True
@@ -155,22 +163,26 @@ class Worker:
         if jobs:
             self.logger.info("waiting up to %.0fs for %s", grace, _count(len(jobs), "running task"))
             await asyncio.wait(jobs, timeout=grace)
-        leftover = list(self._in_flight.values())
+        # Handlers still running go back to pending; outcomes already being
+        # written are let through, or a finished task would run again.
+        leftover = [r for r in self._in_flight.values() if not r.finishing]
         if leftover:
-            self._releasing = True
             for r in leftover:
+                r.released = True
                 if r.job is not None:
                     r.job.cancel()
             await asyncio.gather(*(r.job for r in leftover if r.job is not None), return_exceptions=True)
             try:
-                released = await self.repo.release([Lease(r.task.id, r.task.attempt) for r in leftover])
+                released = await self.repo.release([r.key for r in leftover])
                 self.counters.released += len(released)
                 self.logger.info("returned %s to pending", _count(len(released), "unfinished task"))
             except Exception as exc:
                 self.logger.warning(
                     "could not release %s (%s); their leases will expire", _count(len(leftover), "task"), exc
                 )
-            self._in_flight.clear()
+        writing = [r.job for r in self._in_flight.values() if r.job is not None]
+        if writing:
+            await asyncio.wait(writing, timeout=self._completions.give_up_after + 5)
         await self._completions.close()
         for loop_task in self._loops[1:]:
             loop_task.cancel()
@@ -189,12 +201,13 @@ class Worker:
     # --- taking ------------------------------------------------------------
 
     def _held(self) -> list[Lease]:
-        return [Lease(r.task.id, r.task.attempt) for r in self._in_flight.values() if not r.finishing]
+        # Finishing runs too: their outcome may wait on a store that is away.
+        return list(self._in_flight)
 
     def _on_lost(self, lease: Lease) -> None:
         """The store no longer gives us this attempt: stop its handler, write nothing."""
-        run = self._in_flight.get(lease.id)
-        if run is None or run.finishing or run.lost or run.task.attempt != lease.attempt:
+        run = self._in_flight.get(lease)
+        if run is None or run.finishing or run.lost:
             return
         run.lost = True
         self.logger.warning(
@@ -251,7 +264,7 @@ class Worker:
 
     def _spawn(self, task: Task) -> None:
         run = Running(task=task, started=time.monotonic())
-        self._in_flight[task.id] = run
+        self._in_flight[run.key] = run
         self.counters.started += 1
         run.job = asyncio.create_task(self._run(run), name=f"kubeque-task-{task.id}")
 
@@ -263,14 +276,14 @@ class Worker:
             await self._emit("task_started", task, wait_s=_wait_seconds(task))
             await self._execute(run)
         except asyncio.CancelledError:
-            if not (self._releasing or run.lost):
+            if not (run.released or run.lost):
                 raise
         except Exception:
             # A bug in kubeque itself must not kill the worker; the lease will
             # expire and the task will be reclaimed.
             self.logger.exception("internal error while running task %s", task.id)
         finally:
-            self._in_flight.pop(task.id, None)
+            self._in_flight.pop(run.key, None)
             self._slot_free.set()
 
     async def _execute(self, run: Running) -> None:
@@ -302,9 +315,7 @@ class Worker:
             if handler.is_async:
                 result = await asyncio.wait_for(handler.fn(*args), deadline)
             else:
-                loop = asyncio.get_running_loop()
-                fut = loop.run_in_executor(self._threads, functools.partial(handler.fn, *args))
-                result = await asyncio.wait_for(fut, deadline)
+                result = await self._call_in_thread(task, functools.partial(handler.fn, *args), deadline)
         except TimeoutError:
             run.finishing = True
             self.counters.timed_out += 1
@@ -312,8 +323,14 @@ class Worker:
             await self._emit("task_stuck", task, error=error, outcome="timeout")
             await self._fail(run, error, outcome="timeout")
             return
-        except asyncio.CancelledError:
-            raise
+        except asyncio.CancelledError as exc:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # the worker cancelled it: shutdown or a lost lease
+            # The handler raised CancelledError itself: an error like any other.
+            run.finishing = True
+            await self._fail(run, f"CancelledError raised by the handler: {exc}", outcome="error")
+            return
         except Exception as exc:
             run.finishing = True
             await self._fail(run, f"{type(exc).__name__}: {exc}", outcome="error")
@@ -328,7 +345,11 @@ class Worker:
             await self._fail(run, str(exc), outcome="error")
             return
         duration = time.monotonic() - run.started
-        landed = await self._completions.complete(Completion(task.id, task.attempt, stored))
+        try:
+            landed = await self._completions.complete(Completion(task.id, task.attempt, stored))
+        except CompletionRefused as exc:
+            await self._fail(run, str(exc), outcome="error")
+            return
         if landed:
             self.counters.completed += 1
             await self._emit("task_completed", task, result=stored, duration_s=duration, outcome="completed")
@@ -339,10 +360,31 @@ class Worker:
                 task.attempt,
             )
 
+    async def _call_in_thread(self, task: Task, call: functools.partial[Any], deadline: float) -> Any:
+        loop = asyncio.get_running_loop()
+        cfut = self._threads.submit(call)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(cfut), deadline)
+        finally:
+            if not cfut.done():
+                self._stuck_threads += 1
+                self.logger.warning(
+                    "the thread running task %s (attempt %d) cannot be interrupted; its slot stays taken "
+                    "until it returns (%s stuck)",
+                    task.id,
+                    task.attempt,
+                    _count(self._stuck_threads, "thread"),
+                )
+                cfut.add_done_callback(lambda _: _call_soon(loop, self._thread_returned))
+
+    def _thread_returned(self) -> None:
+        self._stuck_threads -= 1
+        self._slot_free.set()
+
     async def _fail(self, run: Running, error: str, *, outcome: str, final: bool = False) -> None:
         run.finishing = True
         task = run.task
-        error = sanitise_error(error)
+        error = sanitise_error(error)  # also done by Failure; the events carry this text
         self.logger.debug("task %s attempt %d failed: %s", task.id, task.attempt, outcome)
         max_retries, _, backoff = self.manager.effective(task)
         failure = Failure(
@@ -389,6 +431,12 @@ class Worker:
     async def _emit(self, name: str, task: Task, **data: Any) -> None:
         if self.manager.events.has_listeners(name):
             await self.manager.events.emit(TaskEvent(name, task=task, task_id=task.id, **data))
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Any) -> None:
+    # From a handler thread; the loop may be gone if the worker has stopped.
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(fn)
 
 
 def _count(n: int, noun: str) -> str:
