@@ -531,3 +531,116 @@ async def test_only_one_process_holds_a_chore_lock(pg_dsn: str, pg_schema: str) 
     finally:
         await a.close()
         await b.close()
+
+
+async def chore_sessions(dsn: str, schema: str) -> list[int]:
+    """Backend pids of the repository's chore connections (application_name kq-<schema>-chores)."""
+    rows = await run_sql(
+        dsn,
+        "SELECT pid FROM pg_stat_activity WHERE application_name = %s ORDER BY pid",
+        schema,
+        (f"kq-{schema}-chores",),
+    )
+    return [r[0] for r in rows]
+
+
+async def test_a_chore_holding_its_lock_can_still_use_a_one_connection_pool(pg_dsn: str, pg_schema: str) -> None:
+    r = PostgresRepository(pg_dsn, pg_schema, min_size=1, max_size=1, application_name=f"kq-{pg_schema}")
+    try:
+        await r.add([new(id="lost"), new(id="other")])
+        [t] = await r.dequeue("dead-worker", 1, 1)
+        await asyncio.sleep(0.05)  # its 1 ms lease runs out
+        async with r.exclusive("reclaim") as mine:
+            assert mine is True
+            # The pool timeout is 15 s: each call here would wait that long if the lock held the one connection.
+            expired = await asyncio.wait_for(r.expired(10), 3)
+            assert [e.id for e in expired] == ["lost"]
+            lost = Failure(t.id, t.attempt, "lease expired", 0, outcome="lost", only_if_expired=True)
+            assert await asyncio.wait_for(r.fail(lost), 3) is FailOutcome.RETRIED
+            # Workers are not blocked while a chore runs either.
+            assert len(await asyncio.wait_for(r.dequeue("w", 2, 60_000), 3)) == 2
+    finally:
+        await r.close()
+
+
+async def test_chore_locks_sit_on_one_dedicated_connection_closed_with_the_repository(
+    repo: PostgresRepository, pg_dsn: str, pg_schema: str
+) -> None:
+    async with repo.exclusive("reclaim") as reclaim, repo.exclusive("prune") as prune:
+        assert (reclaim, prune) == (True, True)
+        [pid] = await chore_sessions(pg_dsn, pg_schema)
+    async with repo.exclusive("reclaim") as again:
+        assert again is True
+        assert await chore_sessions(pg_dsn, pg_schema) == [pid]  # reused, not reopened
+    await repo.close()
+    assert await chore_sessions(pg_dsn, pg_schema) == []
+
+
+async def test_a_chore_is_exclusive_within_one_process_too(repo: PostgresRepository) -> None:
+    async with repo.exclusive("reclaim") as first, repo.exclusive("reclaim") as second:
+        assert (first, second) == (True, False)
+    async with repo.exclusive("reclaim") as after:
+        assert after is True
+
+    async def try_at_once() -> bool:
+        async with repo.exclusive("prune") as mine:
+            await asyncio.sleep(0.1)
+            return mine
+
+    assert sorted(await asyncio.gather(*(try_at_once() for _ in range(5)))) == [False] * 4 + [True]
+
+
+async def test_a_killed_chore_connection_is_replaced_by_the_next_call(
+    repo: PostgresRepository, pg_dsn: str, pg_schema: str
+) -> None:
+    async with repo.exclusive("reclaim") as mine:
+        assert mine is True
+    [pid] = await chore_sessions(pg_dsn, pg_schema)
+    await run_sql(pg_dsn, "SELECT pg_terminate_backend(%s)", pg_schema, (pid,))
+    await asyncio.sleep(0.05)
+    async with repo.exclusive("reclaim") as mine:
+        assert mine is True
+        [new_pid] = await chore_sessions(pg_dsn, pg_schema)
+        assert new_pid != pid
+
+
+async def test_a_chore_lock_lost_with_its_connection_is_free_for_others(
+    repo: PostgresRepository, pg_dsn: str, pg_schema: str
+) -> None:
+    other = PostgresRepository(pg_dsn, pg_schema)
+    try:
+        async with repo.exclusive("reclaim") as mine:
+            assert mine is True
+            [pid] = await chore_sessions(pg_dsn, pg_schema)
+            await run_sql(pg_dsn, "SELECT pg_terminate_backend(%s)", pg_schema, (pid,))
+            await asyncio.sleep(0.05)
+            async with other.exclusive("reclaim") as theirs:
+                assert theirs is True  # the server freed it with the session
+        # Leaving the block after the loss raised nothing; the next call reconnects.
+        async with other.exclusive("reclaim") as theirs, repo.exclusive("reclaim") as mine_again:
+            assert (theirs, mine_again) == (True, False)
+    finally:
+        await other.close()
+
+
+async def test_a_cancelled_chore_gives_its_lock_back(repo: PostgresRepository, pg_dsn: str, pg_schema: str) -> None:
+    entered = asyncio.Event()
+
+    async def chore() -> None:
+        async with repo.exclusive("reclaim") as mine:
+            assert mine is True
+            entered.set()
+            await asyncio.sleep(30)
+
+    running = asyncio.create_task(chore())
+    await asyncio.wait_for(entered.wait(), 5)
+    running.cancel()
+    await asyncio.gather(running, return_exceptions=True)
+    other = PostgresRepository(pg_dsn, pg_schema)
+    try:
+        async with other.exclusive("reclaim") as theirs:
+            assert theirs is True
+    finally:
+        await other.close()
+    async with repo.exclusive("reclaim") as mine:
+        assert mine is True

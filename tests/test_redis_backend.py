@@ -25,7 +25,7 @@ import redis
 
 from kubeque.backends.memory import MemoryRepository
 from kubeque.backends.redis import RedisRepository
-from kubeque.errors import BackendError, DuplicateTaskError, InvalidIdentifierError, TaskNotFoundError
+from kubeque.errors import BackendError, DuplicateTaskError, InvalidIdentifierError, TaskBusyError, TaskNotFoundError
 from kubeque.task import Completion, FailOutcome, Failure, Lease, NewTask, Task, TaskStatus
 
 pytestmark = pytest.mark.timeout(60)
@@ -409,15 +409,22 @@ async def test_update_to_pending_retries_a_finished_task_now(repo: RedisReposito
     assert (await take_one(repo)).attempt == 2
 
 
-async def test_update_to_pending_takes_a_processing_task_back(repo: RedisRepository) -> None:
+async def test_update_to_pending_of_a_processing_task_is_refused_and_changes_nothing(repo: RedisRepository) -> None:
     await repo.add([new(1)])
     t = await take_one(repo, lease_ms=100)
-    back = await repo.update("1", {"status": "pending"})
-    assert back.worker is None and back.lease_expires_at is None
+    with pytest.raises(TaskBusyError, match="processing"):
+        await repo.update("1", {"status": "pending", "priority": 5})
+    still = await repo.get("1")
+    assert still is not None
+    assert (still.status, still.worker, still.lease_expires_at, still.priority) == (
+        TaskStatus.PROCESSING,
+        t.worker,
+        t.lease_expires_at,
+        t.priority,
+    )
     await asyncio.sleep(0.15)
-    assert await repo.expired(10) == []
-    assert await repo.complete([Completion(t.id, t.attempt, None)]) == []
-    assert (await take_one(repo)).attempt == 2
+    assert [x.id for x in await repo.expired(10)] == ["1"]  # still in the lease index
+    assert await repo.complete([Completion(t.id, t.attempt, None)]) == ["1"]
 
 
 async def test_update_of_a_missing_task_raises(repo: RedisRepository) -> None:
@@ -664,9 +671,15 @@ async def test_same_answers_as_the_memory_store_over_random_operations(repo: Red
             fields: dict[str, Any] = rng.choice(
                 [{"priority": rng.randint(0, 3)}, {"status": TaskStatus.PENDING}, {"payload": {"u": step}}]
             )
-            if await mem.get(tid) is None:
+            current = await mem.get(tid)
+            if current is None:
                 with pytest.raises(TaskNotFoundError):
                     await repo.update(tid, fields)
+                continue
+            if "status" in fields and current.status is TaskStatus.PROCESSING:
+                for store in (mem, repo):
+                    with pytest.raises(TaskBusyError):
+                        await store.update(tid, fields)
                 continue
             await both("update", tid, fields)
             if fields.get("status") is TaskStatus.PENDING:

@@ -10,6 +10,7 @@ from .errors import (
     PayloadError,
     PayloadValidationError,
     SchemaMissingError,
+    TaskBusyError,
     TaskNotFoundError,
     UnknownHandlerError,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "QueueStats",
     "SchemaMissingError",
     "Task",
+    "TaskBusyError",
     "TaskEvent",
     "TaskNotFoundError",
     "TaskStatus",

@@ -35,6 +35,15 @@ class TaskNotFoundError(KubequeError):
     """No task has that id."""
 
 
+class TaskBusyError(KubequeError):
+    """A task is processing, so its status cannot be changed (say, to retry it)
+    until its attempt ends; nothing was changed. ``task_id`` names the task."""
+
+    def __init__(self, task_id: str) -> None:
+        self.task_id = task_id
+        super().__init__(f"task {task_id!r} is processing; wait for it to finish (or remove it) before retrying it")
+
+
 class InvalidTaskError(KubequeError):
     """A store (usually a custom backend) returned a malformed task."""
 

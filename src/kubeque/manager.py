@@ -20,7 +20,14 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
 from .backends import make_repository
 from .backends.base import UPDATABLE_FIELDS, Repository
-from .errors import ConfigError, KubequeError, PayloadError, TaskNotFoundError, UnknownHandlerError
+from .errors import (
+    ConfigError,
+    KubequeError,
+    PayloadError,
+    TaskBusyError,
+    TaskNotFoundError,
+    UnknownHandlerError,
+)
 from .events import EventBus, Listener, TaskEvent
 from .handlers import Handler, HandlerRegistry
 from .task import (
@@ -423,7 +430,8 @@ class QueueManager:
 
     async def update_task(self, task_id: str, **fields: Any) -> Task:
         """Change a task's payload, priority, max_retries, max_processing_time,
-        run_at, retry_backoff_ms or extra; ``status="pending"`` retries a finished task."""
+        run_at, retry_backoff_ms or extra; ``status="pending"`` retries a finished
+        (or removed) task with a fresh retry count. Raises TaskBusyError while it runs."""
         await self.open()
         unknown = set(fields) - UPDATABLE_FIELDS - {"status"}
         if unknown:
@@ -439,9 +447,12 @@ class QueueManager:
             if st is not TaskStatus.PENDING:
                 raise ConfigError("status can only be set to 'pending' (to retry); use remove_task to delete")
             if current.status is TaskStatus.PROCESSING:
-                raise ConfigError(f"task {task_id!r} is processing; wait for it to finish before retrying it")
-            clean["status"] = TaskStatus.PENDING
-            if current.status in (TaskStatus.FAILED, TaskStatus.COMPLETED):
+                raise TaskBusyError(task_id)
+            # A pending task is already waiting: re-sending the status could
+            # re-queue it if it ran and finished meanwhile. The store refuses the
+            # change if the task is taken between this read and the write.
+            if current.status is not TaskStatus.PENDING:
+                clean["status"] = TaskStatus.PENDING
                 clean["retry_count"] = 0
         if "payload" in fields:
             new = self._new_task(current.handler, fields["payload"], {})

@@ -62,9 +62,7 @@ def make_repository(config: Mapping[str, Any] | Repository) -> Repository:
     raise ConfigError(f"unknown backend type {kind!r}: use one of memory, file, postgres, redis, custom")
 
 
-_PROTOCOL_METHODS = [
-    name for name, value in vars(Repository).items() if callable(value) and not name.startswith("_")
-]
+_PROTOCOL_METHODS = [name for name, value in vars(Repository).items() if callable(value) and not name.startswith("_")]
 
 
 def _no_extra(kind: str, opts: Mapping[str, Any]) -> None:

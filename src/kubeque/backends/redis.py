@@ -29,7 +29,14 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ..errors import BackendError, DuplicateTaskError, InvalidIdentifierError, InvalidTaskError, TaskNotFoundError
+from ..errors import (
+    BackendError,
+    DuplicateTaskError,
+    InvalidIdentifierError,
+    InvalidTaskError,
+    TaskBusyError,
+    TaskNotFoundError,
+)
 from ..task import (
     Completion,
     FailOutcome,
@@ -374,7 +381,8 @@ class RedisRepository:
         return out
 
     async def update(self, task_id: str, fields: Mapping[str, Any]) -> Task:
-        """Change UPDATABLE_FIELDS (and ``status``, ``retry_count``) of a task; TaskNotFoundError if absent."""
+        """Change UPDATABLE_FIELDS (and ``status``, ``retry_count``) of a task; TaskNotFoundError if absent,
+        TaskBusyError (changing nothing) if ``status`` is given and the task is processing."""
         unknown = set(fields) - _UPDATE_FIELDS
         if unknown:
             raise ValueError(f"cannot update {sorted(unknown)}: only {sorted(_UPDATE_FIELDS)}")
@@ -394,6 +402,8 @@ class RedisRepository:
         reply = await self._run("update", args, "update a task")
         if reply is None:
             raise TaskNotFoundError(f"no task with id {task_id!r} in queue {self.queue!r}")
+        if reply == "busy":
+            raise TaskBusyError(task_id)
         return _task(reply)
 
     async def remove(self, task_id: str, hard: bool) -> bool:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from ..errors import DuplicateTaskError, TaskNotFoundError
+from ..errors import DuplicateTaskError, TaskBusyError, TaskNotFoundError
 from ..task import (
     Completion,
     FailOutcome,
@@ -226,6 +226,9 @@ class TaskTable:
         t = self.tasks.get(task_id)
         if t is None:
             raise TaskNotFoundError(f"no task with id {task_id!r}")
+        if "status" in fields and t.status is TaskStatus.PROCESSING:
+            # Checked here, in the same step as the change, so a task taken since the caller looked is not reset.
+            raise TaskBusyError(task_id)
         t2 = t.model_copy(update={**fields, "updated_at": now})
         if t2.status is TaskStatus.PENDING and "run_at" not in fields and t.status is not TaskStatus.PENDING:
             t2 = t2.model_copy(update={"run_at": now, "worker": None, "lease_expires_at": None})

@@ -26,7 +26,7 @@ from psycopg import errors as pg_errors
 from psycopg.rows import DictRow, dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from ...errors import BackendError, ConfigError, DuplicateTaskError, TaskNotFoundError
+from ...errors import BackendError, ConfigError, DuplicateTaskError, TaskBusyError, TaskNotFoundError
 from ...task import (
     Completion,
     FailOutcome,
@@ -116,6 +116,14 @@ class PostgresRepository:
         )
         self._generation = 0  # bumped by close(), so a waiter does not reconnect after it
 
+        # Chore locks (exclusive()) live on one dedicated connection, never a pooled one.
+        self._chore_conn: _Conn | None = None
+        self._chore_loop: asyncio.AbstractEventLoop | None = None
+        self._chores_held: dict[str, _Conn] = {}  # lock key -> the chore connection holding it
+        self._chore_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+            weakref.WeakKeyDictionary()
+        )
+
     def __repr__(self) -> str:
         return f"PostgresRepository({describe(self.dsn)!r}, schema={self.schema!r})"
 
@@ -188,17 +196,27 @@ class PostgresRepository:
         self._pool = self._loop = None
         if self._listener_loop is not asyncio.get_running_loop():
             self._listener = self._listener_loop = None
+        if self._chore_loop is not asyncio.get_running_loop():
+            # That session dies with its loop and frees its locks.
+            self._chore_conn = self._chore_loop = None
+            self._chores_held.clear()
 
     async def close(self) -> None:
-        """Close the pool and the listener. The repository reopens if used again."""
+        """Close the pool, the listener and the chore connection (freeing its
+        locks). The repository reopens if used again."""
         self._generation += 1
         loop = asyncio.get_running_loop()
         listener, listener_loop = self._listener, self._listener_loop
+        chores, chore_loop = self._chore_conn, self._chore_loop
         pool, pool_loop = self._pool, self._loop
         self._listener = self._listener_loop = None
+        self._chore_conn = self._chore_loop = None
+        self._chores_held.clear()
         self._pool = self._loop = None
         if listener is not None and listener_loop is loop:
             await listener.close()
+        if chores is not None and chore_loop is loop:
+            await _close_quietly(chores)
         if pool is not None and pool_loop is loop:
             await pool.close()
 
@@ -401,15 +419,22 @@ class PostgresRepository:
         return [_task(r) for r in rows]
 
     async def update(self, task_id: str, fields: Mapping[str, Any]) -> Task:
-        """Change the given fields (and ``status``/``retry_count`` for a manual retry). Raises TaskNotFoundError."""
+        """Change the given fields (and ``status``/``retry_count`` for a manual retry).
+
+        Raises TaskNotFoundError if the id is absent, and TaskBusyError (changing
+        nothing) if ``status`` is given and the task is processing.
+        """
         unknown = set(fields) - _UPDATE_KEYS
         if unknown:
             raise ValueError(f"cannot update {sorted(unknown)}; updatable fields are {sorted(_UPDATE_KEYS)}")
         encoded = json.dumps({k: _jsonable(v) for k, v in fields.items()}, allow_nan=False, ensure_ascii=False)
         rows = await self._rows("update", {"id": task_id, "fields": encoded, "channel": self.channel}, "update a task")
-        if not rows:
-            raise TaskNotFoundError(f"no task with id {task_id!r}")
-        return _task(rows[0])
+        if rows:
+            return _task(rows[0])
+        # Nothing matched: the id is absent, or the status guard held (the task was processing).
+        if await self._rows("existing_ids", {"ids": [task_id]}, "update a task"):
+            raise TaskBusyError(task_id)
+        raise TaskNotFoundError(f"no task with id {task_id!r}")
 
     async def remove(self, task_id: str, hard: bool) -> bool:
         """Soft removal marks the task deleted; hard removal deletes the row. False if absent."""
@@ -452,18 +477,102 @@ class PostgresRepository:
     @asynccontextmanager
     async def exclusive(self, chore: str) -> AsyncIterator[bool]:
         """Hold this queue's lock for ``chore`` while the block runs; yield False
-        (and hold nothing) when another process has it. A crashed holder's
-        session ends and frees the lock."""
+        (and hold nothing) when another process, or another task of this one,
+        has it. Never waits for the lock.
+
+        The lock is a session advisory lock on the repository's own chore
+        connection, not a pooled one, so a chore's statements (which use the
+        pool) never wait on the connection its lock sits on, and a held lock
+        costs the pool nothing. If that session ends (a crash, a killed
+        connection) the server frees the lock; the next call opens a new one.
+        """
         key = f"kubeque:{self.schema}:{chore}"
-        async with self._connection(f"take the {chore} lock") as conn:
-            cur = await conn.execute(query("try_lock", self.schema), {"key": key})
-            row = await cur.fetchone()
-            locked = bool(row and row["locked"])
-            try:
-                yield locked
-            finally:
-                if locked:
+        await self._ensure_pool()  # opens (and migrates) like every method; forgets a dead loop's state
+        conn = await self._take_chore_lock(key, chore)
+        if conn is None:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            if self._chores_held.get(key) is conn:
+                del self._chores_held[key]
+            await self._release_chore_lock(conn, key, chore)
+
+    async def _take_chore_lock(self, key: str, chore: str) -> _Conn | None:
+        """The chore connection, now holding ``key`` for the caller; None if someone else holds it."""
+        doing = f"take the {chore} lock"
+        async with _lock_for(self._chore_locks, asyncio.get_running_loop()):
+            if key in self._chores_held:
+                return None  # a session advisory lock is re-entrant: this keeps it exclusive within the process
+            while True:
+                conn, fresh = await self._chore_connection(doing)
+                if conn is None:
+                    return None  # close() ran meanwhile
+                try:
+                    cur = await conn.execute(query("try_lock", self.schema), {"key": key})
+                    row = await cur.fetchone()
+                except psycopg.Error as exc:
+                    if conn.broken or conn.closed:
+                        await self._discard_chore_connection(conn)
+                        if not fresh:
+                            # The server ended the idle session (and freed its locks); a new one will do.
+                            log.info(
+                                "queue %r: the chore connection was lost (%s); reconnecting",
+                                self.schema,
+                                _one_line(exc),
+                            )
+                            continue
+                    raise backend_error(exc, self.dsn, self.schema, doing) from exc
+                if row is None or not row["locked"]:
+                    return None
+                self._chores_held[key] = conn
+                return conn
+
+    async def _release_chore_lock(self, conn: _Conn, key: str, chore: str) -> None:
+        try:
+            async with _lock_for(self._chore_locks, asyncio.get_running_loop()):
+                if conn is self._chore_conn and not conn.closed:
                     await conn.execute(query("unlock", self.schema), {"key": key})
+        except BaseException as exc:
+            # Whether the lock was freed is unknown (an error, or cancelled mid-way); ending the session frees it.
+            await self._discard_chore_connection(conn)
+            if not isinstance(exc, psycopg.Error):
+                raise
+            log.warning(
+                "queue %r: could not release the %s lock (%s); closed its session", self.schema, chore, _one_line(exc)
+            )
+
+    async def _chore_connection(self, doing: str) -> tuple[_Conn | None, bool]:
+        """The open chore connection and whether it is new; opened on first use or when broken.
+        Call with the chore lock held."""
+        loop = asyncio.get_running_loop()
+        conn = self._chore_conn if self._chore_loop is loop else None
+        if conn is not None and not conn.closed and not conn.broken:
+            return conn, False
+        if conn is not None:
+            await self._discard_chore_connection(conn)
+        generation = self._generation
+        try:
+            conn = await psycopg.AsyncConnection.connect(
+                self.dsn,
+                autocommit=True,
+                row_factory=dict_row,
+                **connect_kwargs(self.dsn, f"{self.application_name}-chores", keepalives=True),
+            )
+        except psycopg.Error as exc:
+            raise backend_error(exc, self.dsn, self.schema, doing) from exc
+        if generation != self._generation:
+            await _close_quietly(conn)  # close() ran meanwhile; do not outlive it
+            return None, True
+        self._chore_conn, self._chore_loop = conn, loop
+        return conn, True
+
+    async def _discard_chore_connection(self, conn: _Conn) -> None:
+        """Forget and close the chore connection; the server frees every lock its session held."""
+        if self._chore_conn is conn:
+            self._chore_conn = self._chore_loop = None
+        await _close_quietly(conn)
 
     # --- wakeups -------------------------------------------------------------
 

@@ -1,7 +1,10 @@
 -- Change only the fields present in the "fields" object (the updatable ones,
 -- plus status and retry_count for a manual retry). Making a task that is not
 -- pending pending again (a manual retry) makes it due now unless run_at is
--- given, and drops any worker's claim on it.
+-- given, and drops any worker's claim on it. A status change never lands on a
+-- processing task (the guard is in the WHERE, so a task a worker took since the
+-- caller looked keeps its running attempt); no row comes back then, and the
+-- caller tells that apart from a missing id.
 WITH f AS (
     SELECT %(fields)s::jsonb AS v
 ),
@@ -30,6 +33,7 @@ changed AS (
         updated_at = now()
     FROM f
     WHERE t.id = %(id)s
+      AND NOT (f.v ? 'status' AND t.status = 'processing')
     RETURNING t.*
 ),
 woke AS (
