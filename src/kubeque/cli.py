@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import click
 import psycopg
 
-from .errors import ConfigError, KubequeError, SchemaMissingError, TaskNotFoundError, UnknownHandlerError
+from .errors import ConfigError, KubequeError, SchemaMissingError, TaskNotFoundError, UnknownHandlerError, one_line
 from .manager import QueueManager
 from .task import QueueStats, Task, TaskStatus
 
@@ -35,11 +35,6 @@ MIN_PREFIX = 4
 #: Matches an ambiguous prefix error lists before "and N more".
 PREFIX_MATCHES_SHOWN = 5
 NO_APP_NOTE = "note: without --app the handler name and payload are not checked; pass --app module:queue to check them"
-
-
-def one_line(exc: BaseException) -> str:
-    """An exception as a single line of text."""
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 class KubequeGroup(click.Group):

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 
+def one_line(exc: BaseException) -> str:
+    """An exception as a single line of text (libpq messages span several)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 class KubequeError(Exception):
     """Base class of every kubeque error."""
 

@@ -28,6 +28,8 @@ from ..task import Completion, FailOutcome, Failure, Lease, NewTask, QueueDepth,
 UPDATABLE_FIELDS = frozenset(
     {"payload", "priority", "max_retries", "max_processing_time", "run_at", "retry_backoff_ms", "extra"}
 )
+# What Repository.update accepts: those, plus a manual retry's status and retry_count.
+UPDATE_KEYS = UPDATABLE_FIELDS | {"status", "retry_count"}
 
 
 @runtime_checkable

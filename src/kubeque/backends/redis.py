@@ -49,7 +49,7 @@ from ..task import (
     TaskStatus,
     encode_json,
 )
-from .base import UPDATABLE_FIELDS
+from .base import UPDATE_KEYS
 
 __all__ = ["RedisRepository"]
 
@@ -75,8 +75,6 @@ _INT_FIELDS = frozenset(
     {"max_retries", "max_processing_time", "retry_count", "priority", "attempt", "retry_backoff_ms", "seq"}
 )
 _JSON_FIELDS = frozenset({"payload", "log", "result", "extra"})
-# The manager also resets retry_count when it retries a finished task.
-_UPDATE_FIELDS = UPDATABLE_FIELDS | {"status", "retry_count"}
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 # Bounds on the work one script call does, so no call blocks the server for long.
@@ -383,9 +381,9 @@ class RedisRepository:
     async def update(self, task_id: str, fields: Mapping[str, Any]) -> Task:
         """Change UPDATABLE_FIELDS (and ``status``, ``retry_count``) of a task; TaskNotFoundError if absent,
         TaskBusyError (changing nothing) if ``status`` is given and the task is processing."""
-        unknown = set(fields) - _UPDATE_FIELDS
+        unknown = set(fields) - UPDATE_KEYS
         if unknown:
-            raise ValueError(f"cannot update {sorted(unknown)}: only {sorted(_UPDATE_FIELDS)}")
+            raise ValueError(f"cannot update {sorted(unknown)}: only {sorted(UPDATE_KEYS)}")
         # Check the values as the memory store does, before anything is written.
         checked = Task.model_validate({**_TEMPLATE, **fields})
         status = "" if "status" not in fields else checked.status.value

@@ -26,6 +26,7 @@ from typing import Any
 
 from rich.console import Console
 
+from ..backends.postgres import describe, drop_schema
 from ..embedded import postgres_reachable
 from ..errors import ConfigError, KubequeError
 from ..manager import QueueManager
@@ -113,28 +114,12 @@ def load_demo_app(app_dir: Path) -> QueueManager:
 
 
 def redact_dsn(dsn: str) -> str:
-    """The DSN without its password, for display."""
-    from psycopg.conninfo import conninfo_to_dict
-
-    try:
-        parts = conninfo_to_dict(dsn)
-    except Exception:
-        return "postgresql (DSN not shown)"
-    user = f"{parts['user']}@" if parts.get("user") else ""
-    port = f":{parts['port']}" if parts.get("port") else ""
-    return f"postgresql://{user}{parts.get('host', 'localhost')}{port}/{parts.get('dbname', '')}"
+    """Where the DSN points, without its password, for display."""
+    return f"postgresql://{describe(dsn)}"
 
 
 def new_schema_name() -> str:
     return f"demo_{datetime.now():%Y%m%d_%H%M%S}_{secrets.token_hex(2)}"
-
-
-def drop_schema(dsn: str, schema: str) -> None:
-    import psycopg
-    from psycopg import sql
-
-    with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
-        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
 
 
 @contextmanager

@@ -33,7 +33,7 @@ from ..backends.postgres import PostgresRepository
 from ..backends.postgres import migrate as migrate_schema
 from ..backends.postgres.connect import describe
 from ..backends.postgres.queries import migrations
-from ..errors import ConfigError, SchemaMissingError
+from ..errors import ConfigError, SchemaMissingError, one_line
 from ..events import TaskEvent
 from ..manager import QueueManager
 from ..task import Task, sanitise_error
@@ -162,7 +162,7 @@ def metrics_server_error(host: str, port: int, exc: OSError) -> ConfigError:
         return ConfigError(
             f"cannot serve metrics on port {port}: address already in use (pass another --metrics-port or 0 to disable)"
         )
-    reason = exc.strerror or " ".join(str(exc).split()) or type(exc).__name__
+    reason = exc.strerror or one_line(exc)
     return ConfigError(
         f"cannot serve metrics on {host}:{port}: {reason} (check --metrics-host and --metrics-port, or 0 to disable)"
     )
@@ -391,8 +391,8 @@ class WorkerProcess:
                 await asyncio.wait_for(self.metrics.refresh(), max(5.0, self.options.stats_interval))
                 self.health.store_checked(None)
             except Exception as exc:
-                self.health.store_checked(_one_line(exc))
-                logger.debug("store check failed: %s", _one_line(exc))
+                self.health.store_checked(one_line(exc))
+                logger.debug("store check failed: %s", one_line(exc))
             await asyncio.sleep(self.options.stats_interval)
 
     async def _summarise(self) -> None:
@@ -504,11 +504,6 @@ def _retries_text(queue: QueueManager, task: Task | None) -> str:
         return "?"
     max_retries = _max_retries(queue, task)
     return str(task.retry_count) if max_retries is None else f"{task.retry_count}/{max_retries}"
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text
 
 
 def _flush_logs() -> None:

@@ -10,7 +10,7 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg.conninfo import conninfo_to_dict
 
-from ...errors import BackendError, SchemaMissingError
+from ...errors import BackendError, SchemaMissingError, one_line
 
 DEFAULT_CONNECT_TIMEOUT_S = 10
 
@@ -25,7 +25,7 @@ def connect_kwargs(dsn: str, application_name: str, *, keepalives: bool = False)
     try:
         params = conninfo_to_dict(dsn)
     except psycopg.Error as exc:
-        detail = " ".join(str(exc).split())
+        detail = one_line(exc)
         raise BackendError(
             f"the PostgreSQL DSN is not valid: {detail}; expected postgresql://user@host:port/db"
         ) from exc
@@ -58,7 +58,7 @@ def describe(dsn: str) -> str:
 def backend_error(exc: BaseException, dsn: str, schema: str, doing: str) -> BackendError:
     """A BackendError (or SchemaMissingError) that says what failed and what to do."""
     where = describe(dsn)
-    detail = " ".join(str(exc).split()) or type(exc).__name__  # libpq messages span lines
+    detail = one_line(exc)
     if isinstance(exc, pg_errors.UndefinedTable | pg_errors.InvalidSchemaName | pg_errors.UndefinedFunction):
         return SchemaMissingError(
             f"the queue schema {schema!r} at {where} is missing or not migrated ({detail}); "

@@ -56,6 +56,16 @@ def pending_versions(dsn: str, schema: str, *, application_name: str = "kubeque"
             raise backend_error(exc, dsn, schema, f"inspect schema {schema!r}") from exc
 
 
+def drop_schema(dsn: str, schema: str, *, application_name: str = "kubeque") -> None:
+    """Delete a queue's schema and every task in it (absent is fine)."""
+    check_identifier(schema)
+    with _connect(dsn, schema, application_name) as conn:
+        try:
+            conn.execute(query("drop_schema", schema))
+        except psycopg.Error as exc:
+            raise backend_error(exc, dsn, schema, f"drop schema {schema!r}") from exc
+
+
 def ensure_migrated(dsn: str, schema: str, *, auto_migrate: bool, application_name: str) -> list[int]:
     """Migrate (``auto_migrate``) or check that nothing is missing, else raise SchemaMissingError."""
     if auto_migrate:

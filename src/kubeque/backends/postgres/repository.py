@@ -26,7 +26,7 @@ from psycopg import errors as pg_errors
 from psycopg.rows import DictRow, dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from ...errors import BackendError, ConfigError, DuplicateTaskError, TaskBusyError, TaskNotFoundError
+from ...errors import BackendError, ConfigError, DuplicateTaskError, TaskBusyError, TaskNotFoundError, one_line
 from ...task import (
     Completion,
     FailOutcome,
@@ -40,7 +40,7 @@ from ...task import (
     encode_json,
     sanitise_error,
 )
-from ..base import UPDATABLE_FIELDS
+from ..base import UPDATE_KEYS
 from .connect import backend_error, connect_kwargs, describe
 from .migrate import ensure_migrated
 from .queries import channel_name, check_identifier, listen, query
@@ -51,8 +51,6 @@ log = logging.getLogger("kubeque.backends.postgres")
 
 _TASK_FIELDS = tuple(Task.model_fields)
 _TIME_FIELDS = ("created_at", "updated_at", "run_at", "lease_expires_at")
-# A manual retry also sets status (and the manager resets retry_count).
-_UPDATE_KEYS = UPDATABLE_FIELDS | {"status", "retry_count"}
 # Reconnecting a lost listener: 0.1 s doubling to at most 5 s, never past the caller's timeout.
 _LISTEN_BACKOFF_BASE_S = 0.1
 _LISTEN_BACKOFF_CAP_S = 5.0
@@ -181,7 +179,7 @@ class PostgresRepository:
             except (PoolTimeout, psycopg.Error) as exc:
                 await pool.close()
                 raise BackendError(
-                    f"could not open connections to PostgreSQL at {describe(self.dsn)}: {_one_line(exc)}"
+                    f"could not open connections to PostgreSQL at {describe(self.dsn)}: {one_line(exc)}"
                 ) from exc
             self._pool, self._loop = pool, loop
 
@@ -424,9 +422,9 @@ class PostgresRepository:
         Raises TaskNotFoundError if the id is absent, and TaskBusyError (changing
         nothing) if ``status`` is given and the task is processing.
         """
-        unknown = set(fields) - _UPDATE_KEYS
+        unknown = set(fields) - UPDATE_KEYS
         if unknown:
-            raise ValueError(f"cannot update {sorted(unknown)}; updatable fields are {sorted(_UPDATE_KEYS)}")
+            raise ValueError(f"cannot update {sorted(unknown)}; updatable fields are {sorted(UPDATE_KEYS)}")
         encoded = json.dumps({k: _jsonable(v) for k, v in fields.items()}, allow_nan=False, ensure_ascii=False)
         rows = await self._rows("update", {"id": task_id, "fields": encoded, "channel": self.channel}, "update a task")
         if rows:
@@ -520,7 +518,7 @@ class PostgresRepository:
                             log.info(
                                 "queue %r: the chore connection was lost (%s); reconnecting",
                                 self.schema,
-                                _one_line(exc),
+                                one_line(exc),
                             )
                             continue
                     raise backend_error(exc, self.dsn, self.schema, doing) from exc
@@ -540,7 +538,7 @@ class PostgresRepository:
             if not isinstance(exc, psycopg.Error):
                 raise
             log.warning(
-                "queue %r: could not release the %s lock (%s); closed its session", self.schema, chore, _one_line(exc)
+                "queue %r: could not release the %s lock (%s); closed its session", self.schema, chore, one_line(exc)
             )
 
     async def _chore_connection(self, doing: str) -> tuple[_Conn | None, bool]:
@@ -609,7 +607,7 @@ class PostgresRepository:
             except psycopg.Error as exc:
                 if generation != self._generation:
                     return  # close() ended the listener
-                log.warning("queue %r: the LISTEN connection was lost (%s); reconnecting", self.schema, _one_line(exc))
+                log.warning("queue %r: the LISTEN connection was lost (%s); reconnecting", self.schema, one_line(exc))
                 if self._listener is conn:
                     self._listener = self._listener_loop = None
                 self._listener_lost = True
@@ -639,7 +637,7 @@ class PostgresRepository:
                 "queue %r: could not LISTEN at %s (%s); polling meanwhile, next try in %.1fs",
                 self.schema,
                 describe(self.dsn),
-                _one_line(exc),
+                one_line(exc),
                 delay,
             )
             return None
@@ -668,10 +666,6 @@ def _lock_for(
 
 async def _sleep_until(loop: asyncio.AbstractEventLoop, deadline: float) -> None:
     await asyncio.sleep(max(0.0, deadline - loop.time()))
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
 
 
 async def _close_quietly(conn: psycopg.AsyncConnection[Any]) -> None:
