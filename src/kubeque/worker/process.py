@@ -39,7 +39,7 @@ from ..manager import QueueManager
 from ..task import Task, sanitise_error
 from .health import Health, HealthServer
 from .metrics import Metrics
-from .runtime import Worker
+from .runtime import Worker, first_of
 
 logger = logging.getLogger("kubeque.process")
 
@@ -354,13 +354,7 @@ class WorkerProcess:
         stop = asyncio.create_task(self._stop.wait())
         ended = asyncio.create_task(worker.wait())
         broken = asyncio.create_task(self._watch(worker))
-        waits = [stop, ended, broken]
-        try:
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waits:
-                w.cancel()
-            await asyncio.gather(*waits, return_exceptions=True)
+        await first_of([stop, ended, broken])
         if ended.done() and not ended.cancelled():
             exc = ended.exception()
             if exc is not None:

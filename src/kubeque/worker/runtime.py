@@ -255,12 +255,7 @@ class Worker:
             waits.append(asyncio.create_task(self.repo.wait_for_work(self.poll_interval)))
         else:
             waits.append(asyncio.create_task(asyncio.sleep(self.poll_interval)))
-        try:
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waits:
-                w.cancel()
-            await asyncio.gather(*waits, return_exceptions=True)
+        await first_of(waits)
 
     def _spawn(self, task: Task) -> None:
         run = Running(task=task, started=time.monotonic())
@@ -431,6 +426,16 @@ class Worker:
     async def _emit(self, name: str, task: Task, **data: Any) -> None:
         if self.manager.events.has_listeners(name):
             await self.manager.events.emit(TaskEvent(name, task=task, task_id=task.id, **data))
+
+
+async def first_of(waits: list[asyncio.Task[Any]]) -> None:
+    """Wait until one of the tasks ends, then cancel and reap the others."""
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+        await asyncio.gather(*waits, return_exceptions=True)
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, fn: Any) -> None:
