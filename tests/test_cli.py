@@ -454,7 +454,7 @@ def test_missing_schema_error_gives_the_migrate_command_not_python_advice(pg_dsn
 
 
 def test_missing_schema_advice_never_shows_a_password() -> None:
-    from kubeque.worker.process import dsn_for_display
+    from kubeque.app import dsn_for_display
 
     shown = dsn_for_display("postgresql://app:s3cret@db.example:5432/shop")
     assert "s3cret" not in shown and "***" in shown and "db.example" in shown

@@ -103,7 +103,7 @@ def open_queue(app: str | None, dsn: str | None, schema: str | None) -> QueueMan
     With --app and no --dsn, an app on PostgreSQL is reached through its own
     DSN (with --schema if given).
     """
-    from .worker.process import load_app, point_at_store, postgres_backend
+    from .app import load_app, point_at_store, postgres_backend
 
     options: dict[str, Any] = {
         "application_name": CLI_APPLICATION_NAME,
@@ -130,7 +130,7 @@ def run(queue: QueueManager, op: Callable[[QueueManager], Awaitable[T]]) -> T:
 
     A missing schema is reported with the ``kubeque migrate`` command that creates it.
     """
-    from .worker.process import missing_schema_error
+    from .app import missing_schema_error
 
     async def go() -> T:
         try:

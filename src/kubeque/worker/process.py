@@ -14,10 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import importlib
 import logging
 import os
-import shlex
 import signal
 import sys
 import threading
@@ -26,25 +24,27 @@ from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import disable_created_metrics
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from ..backends.base import Repository
+from ..app import (
+    DEFAULT_APPLICATION_NAME,
+    describe_store,
+    load_app,
+    missing_schema_error,
+    point_at_store,
+)
 from ..backends.postgres import PostgresRepository
 from ..backends.postgres import migrate as migrate_schema
 from ..backends.postgres.connect import describe
 from ..backends.postgres.queries import migrations
 from ..errors import ConfigError, SchemaMissingError, one_line
-from ..events import TaskEvent
 from ..manager import QueueManager
-from ..task import Task, sanitise_error
 from .health import Health, HealthServer
 from .metrics import Metrics
 from .runtime import Worker, first_of
+from .tasklog import log_state_changes
 
 logger = logging.getLogger("kubeque.process")
 
-DEFAULT_SCHEMA = "kubeque"
-DEFAULT_APPLICATION_NAME = "kubeque-worker"
 #: Handler names listed in the startup line before "and N more".
 STARTUP_HANDLERS_SHOWN = 10
 
@@ -57,103 +57,6 @@ def signal_exit_code(signum: int) -> int:
 def plural(count: int, word: str, many: str | None = None) -> str:
     """``1 task``, ``2 tasks`` (``many`` for irregular plurals)."""
     return f"{count} {word if count == 1 else (many or word + 's')}"
-
-
-def load_app(spec: str) -> QueueManager:
-    """Import ``module.path:attribute`` and return the QueueManager it names.
-
-    The current directory is importable, as with ``python -m``, so ``--app
-    myapp.tasks:queue`` works from the project root. Every failure is a
-    one-line :class:`ConfigError`.
-    """
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ConfigError(f"--app must look like 'package.module:queue', not {spec!r}")
-    cwd = os.getcwd()
-    if cwd not in sys.path and "" not in sys.path:
-        sys.path.insert(0, cwd)
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name and module_name.startswith(exc.name):
-            raise ConfigError(
-                f"cannot import {module_name!r} for --app {spec}: no module named {exc.name!r} "
-                "(run from the project root or set PYTHONPATH)"
-            ) from None
-        raise ConfigError(f"importing {module_name!r} for --app {spec} failed: {exc}") from None
-    except Exception as exc:
-        raise ConfigError(f"importing {module_name!r} for --app {spec} failed: {type(exc).__name__}: {exc}") from None
-    value: Any = module
-    for part in attr.split("."):
-        try:
-            value = getattr(value, part)
-        except AttributeError:
-            raise ConfigError(f"module {module_name!r} has no attribute {attr!r} (--app {spec})") from None
-    if not isinstance(value, QueueManager):
-        raise ConfigError(f"--app {spec} names a {type(value).__name__}, not a kubeque QueueManager")
-    return value
-
-
-def postgres_backend(
-    dsn: str, schema: str | None = None, *, application_name: str = DEFAULT_APPLICATION_NAME, **options: Any
-) -> dict[str, Any]:
-    """The backend config the CLI gives ``configure_backend`` for a DSN."""
-    return {
-        "type": "postgres",
-        "dsn": dsn,
-        "schema": schema or DEFAULT_SCHEMA,
-        "application_name": application_name,
-        **options,
-    }
-
-
-def point_at_store(queue: QueueManager, app: str, dsn: str | None, schema: str | None, **options: Any) -> None:
-    """Point the app's queue at the store the command line names.
-
-    ``--dsn`` replaces the app's store. Without it, an app on PostgreSQL keeps
-    its own DSN (and pool sizes) and takes ``--schema`` if given; ``options``
-    (application_name, auto_migrate, ...) apply either way. ``--schema`` for an
-    app on another store is an error.
-    """
-    repo = queue.repository
-    if dsn:
-        queue.configure_backend(postgres_backend(dsn, schema, **options))
-    elif isinstance(repo, PostgresRepository):
-        sizes = {"min_size": repo.min_size, "max_size": repo.max_size}
-        queue.configure_backend(postgres_backend(repo.dsn, schema or repo.schema, **{**sizes, **options}))
-    elif schema:
-        raise ConfigError(
-            f"--schema needs a PostgreSQL DSN: the queue of --app {app} uses the {repo.name} store; "
-            "pass --dsn or set KUBEQUE_DSN"
-        )
-
-
-def dsn_for_display(dsn: str) -> str:
-    """A DSN to show in advice: as given, but with any password replaced by ``***``; shell-quoted."""
-    try:
-        params = conninfo_to_dict(dsn)
-    except Exception:
-        return "DSN"
-    if params.get("password"):
-        dsn = make_conninfo("", **{**params, "password": "***"})
-    return shlex.quote(dsn)
-
-
-def describe_store(repo: Repository) -> str:
-    """Where a store keeps its tasks, for log lines: never a password."""
-    if isinstance(repo, PostgresRepository):
-        return f"schema {repo.schema!r} at {describe(repo.dsn)}"
-    return f"the {repo.name} store"
-
-
-def missing_schema_error(repo: Repository, exc: SchemaMissingError, also: str = "") -> SchemaMissingError:
-    """The SchemaMissingError a shell user should see: which schema, where, and the command that creates it."""
-    if not isinstance(repo, PostgresRepository):
-        return exc
-    return SchemaMissingError(
-        f"the queue schema {repo.schema!r} at {describe(repo.dsn)} does not exist or is not fully migrated; "
-        f"create it with: kubeque migrate --dsn {dsn_for_display(repo.dsn)} --schema {repo.schema}{also}"
-    )
 
 
 def metrics_server_error(host: str, port: int, exc: OSError) -> ConfigError:
@@ -281,7 +184,7 @@ class WorkerProcess:
                     opts.app,
                 )
             await self._prepare_store()
-            _log_state_changes(self.queue)
+            log_state_changes(self.queue)
             worker_options: dict[str, Any] = {}
             if opts.lease_ms is not None:
                 worker_options["lease_ms"] = opts.lease_ms
@@ -408,96 +311,6 @@ class WorkerProcess:
                     self.worker.in_flight,
                 )
                 last = now
-
-
-#: Error text in a log line is cut here; the task's own log keeps all of it (``kubeque tasks show``).
-LOGGED_ERROR_CHARS = 500
-
-#: What a warning about a stopped attempt that will be retried says happened, by outcome.
-_STUCK_WHAT = {
-    "timeout": "ran past its max_processing_time and was stopped",
-    "lost": "was reclaimed after its worker stopped renewing the lease",
-}
-
-
-def _log_state_changes(queue: QueueManager) -> None:
-    """Log task state changes: ids, names, outcomes and error text, never payloads.
-
-    Every change is one debug line. A task that failed for good
-    (``task_failed``: errors, timeouts, lost leases, unknown handlers) is also
-    one warning, as is an attempt stopped at its deadline or reclaimed after a
-    lost lease (``task_stuck``) that will be retried; the error text is
-    sanitised and cut. Other retries stay at debug: the periodic summary counts
-    them and the task's log keeps their errors.
-    """
-    task_log = logging.getLogger("kubeque.tasks")
-
-    def listener(event: TaskEvent) -> None:
-        debug = task_log.isEnabledFor(logging.DEBUG)
-        task = event.task
-        warn = event.name == "task_failed" or (event.name == "task_stuck" and not _last_attempt(queue, task))
-        if not debug and not (warn and task_log.isEnabledFor(logging.WARNING)):
-            return
-        fields: dict[str, Any] = {
-            "event": event.name,
-            "task_id": event.task_id,
-            "handler": task.handler if task else None,
-            "attempt": task.attempt if task else None,
-        }
-        if event.outcome:
-            fields["outcome"] = event.outcome
-        if event.duration_s is not None:
-            fields["duration_s"] = round(event.duration_s, 4)
-        if event.wait_s is not None:
-            fields["wait_s"] = round(event.wait_s, 4)
-        fields = {k: v for k, v in fields.items() if v is not None}
-        error = sanitise_error(event.error)[:LOGGED_ERROR_CHARS] if event.error else None
-        quoted = f" error={error!r}" if error else ""
-        if debug:
-            task_log.debug("%s%s", " ".join(f"{k}={v}" for k, v in fields.items()), quoted, extra=fields)
-        if warn:
-            if event.name == "task_failed":
-                what = "failed for good"
-            else:
-                stopped = _STUCK_WHAT.get(event.outcome or "", f"was stopped ({event.outcome})")
-                what = f"{stopped}; it will be retried"
-            task_log.warning(
-                "task %s %s: handler=%s attempt=%s retries=%s outcome=%s%s",
-                event.task_id,
-                what,
-                fields.get("handler"),
-                fields.get("attempt"),
-                _retries_text(queue, task),
-                event.outcome,
-                quoted,
-                extra={**fields, "error": error},
-            )
-
-    for name in ("task_started", "task_completed", "task_retried", "task_failed", "task_stuck"):
-        queue.on(name, listener)
-
-
-def _max_retries(queue: QueueManager, task: Task) -> int | None:
-    try:
-        return queue.effective(task)[0]
-    except Exception:  # a log line must never break a worker
-        return None
-
-
-def _last_attempt(queue: QueueManager, task: Task | None) -> bool:
-    """Whether a failure of this attempt ends the task (then ``task_failed`` follows ``task_stuck``)."""
-    if task is None:
-        return False
-    max_retries = _max_retries(queue, task)
-    return max_retries is not None and task.retry_count >= max_retries
-
-
-def _retries_text(queue: QueueManager, task: Task | None) -> str:
-    """``1/3``: retries already spent of those allowed (just ``1`` when the limit is unknown)."""
-    if task is None:
-        return "?"
-    max_retries = _max_retries(queue, task)
-    return str(task.retry_count) if max_retries is None else f"{task.retry_count}/{max_retries}"
 
 
 def _flush_logs() -> None:
