@@ -17,7 +17,7 @@ import os
 import socket
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -41,6 +41,7 @@ class Running:
     finishing: bool = False  # the handler is done and its outcome is being written: never cancelled
     lost: bool = False  # removed, changed or reclaimed elsewhere while it ran
     released: bool = False  # handed back to pending at shutdown
+    thread: Future[Any] | None = None  # a sync handler's thread, which may outlive the attempt
 
     @property
     def key(self) -> Lease:
@@ -89,6 +90,7 @@ class Worker:
         # worker while its earlier attempt is still stopping here.
         self._in_flight: dict[Lease, Running] = {}
         self._stuck_threads = 0  # sync handlers past their deadline or cancelled, still running
+        self._give_up_at: float | None = None  # at shutdown: stop retrying store writes after this
         self._stopping = asyncio.Event()
         self._slot_free = asyncio.Event()
         self._crash: BaseException | None = None
@@ -163,15 +165,15 @@ class Worker:
         if jobs:
             self.logger.info("waiting up to %.0fs for %s", grace, _count(len(jobs), "running task"))
             await asyncio.wait(jobs, timeout=grace)
-        # Handlers still running go back to pending; outcomes already being
-        # written are let through, or a finished task would run again.
+        # Handlers still running go back to pending at once (a late result of a
+        # released attempt fails its guard); outcomes already being written are
+        # let through, or a finished task would run again.
         leftover = [r for r in self._in_flight.values() if not r.finishing]
         if leftover:
             for r in leftover:
                 r.released = True
                 if r.job is not None:
                     r.job.cancel()
-            await asyncio.gather(*(r.job for r in leftover if r.job is not None), return_exceptions=True)
             try:
                 released = await self.repo.release([r.key for r in leftover])
                 self.counters.released += len(released)
@@ -180,9 +182,18 @@ class Worker:
                 self.logger.warning(
                     "could not release %s (%s); their leases will expire", _count(len(leftover), "task"), exc
                 )
-        writing = [r.job for r in self._in_flight.values() if r.job is not None]
-        if writing:
-            await asyncio.wait(writing, timeout=self._completions.give_up_after + 5)
+        # One deadline for everything still being written or cancelled.
+        loop = asyncio.get_running_loop()
+        self._give_up_at = loop.time() + self._completions.give_up_after
+        self._completions.begin_close(self._give_up_at)
+        remaining = [r.job for r in self._in_flight.values() if r.job is not None]
+        if remaining:
+            await asyncio.wait(remaining, timeout=self._completions.give_up_after + 1)
+            stuck = [j for j in remaining if not j.done()]
+            for j in stuck:
+                j.cancel()
+            if stuck:
+                await asyncio.wait(stuck, timeout=1)
         await self._completions.close()
         for loop_task in self._loops[1:]:
             loop_task.cancel()
@@ -279,6 +290,8 @@ class Worker:
             self.logger.exception("internal error while running task %s", task.id)
         finally:
             self._in_flight.pop(run.key, None)
+            if run.thread is not None and not run.thread.done():
+                self._hold_slot_for(run)
             self._slot_free.set()
 
     async def _execute(self, run: Running) -> None:
@@ -308,31 +321,31 @@ class Worker:
         deadline = max_processing_time / 1000
         try:
             if handler.is_async:
-                result = await asyncio.wait_for(handler.fn(*args), deadline)
+                result = await _within(handler.fn(*args), deadline)
             else:
-                result = await self._call_in_thread(task, functools.partial(handler.fn, *args), deadline)
-        except TimeoutError:
-            run.finishing = True
-            self.counters.timed_out += 1
+                result = await self._call_in_thread(run, functools.partial(handler.fn, *args), deadline)
+        except DeadlineExceeded:
             error = f"attempt exceeded max_processing_time of {max_processing_time} ms and was stopped"
-            await self._emit("task_stuck", task, error=error, outcome="timeout")
-            await self._fail(run, error, outcome="timeout")
+            await self._fail(run, error, outcome="timeout", stuck=True)
             return
         except asyncio.CancelledError as exc:
             current = asyncio.current_task()
-            if current is not None and current.cancelling():
+            if run.released or run.lost or (current is not None and current.cancelling()):
                 raise  # the worker cancelled it: shutdown or a lost lease
             # The handler raised CancelledError itself: an error like any other.
-            run.finishing = True
             await self._fail(run, f"CancelledError raised by the handler: {exc}", outcome="error")
+            self._crash_if_asked(exc)
             return
         except Exception as exc:
-            run.finishing = True
+            if run.released or run.lost:
+                # Cancelled by the worker, and the handler turned that into
+                # another error: still not a failed attempt.
+                raise asyncio.CancelledError from exc
             await self._fail(run, f"{type(exc).__name__}: {exc}", outcome="error")
-            if self.manager.crash_on_worker_error and self._crash is None:
-                self._crash = exc
-                asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self.stop(0)))
+            self._crash_if_asked(exc)
             return
+        if run.released or run.lost:
+            return  # it ignored being stopped; its attempt is no longer this worker's
         run.finishing = True
         try:
             stored = json.loads(encode_json(result, what="handler result")) if result is not None else None
@@ -355,28 +368,46 @@ class Worker:
                 task.attempt,
             )
 
-    async def _call_in_thread(self, task: Task, call: functools.partial[Any], deadline: float) -> Any:
-        loop = asyncio.get_running_loop()
-        cfut = self._threads.submit(call)
+    def _crash_if_asked(self, exc: BaseException) -> None:
+        if self.manager.crash_on_worker_error and self._crash is None:
+            self._crash = exc
+            asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self.stop(0)))
+
+    async def _call_in_thread(self, run: Running, call: functools.partial[Any], deadline: float) -> Any:
+        run.thread = self._threads.submit(call)
+        waiting = asyncio.wrap_future(run.thread)
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(cfut), deadline)
-        finally:
-            if not cfut.done():
-                self._stuck_threads += 1
-                self.logger.warning(
-                    "the thread running task %s (attempt %d) cannot be interrupted; its slot stays taken "
-                    "until it returns (%s stuck)",
-                    task.id,
-                    task.attempt,
-                    _count(self._stuck_threads, "thread"),
-                )
-                cfut.add_done_callback(lambda _: _call_soon(loop, self._thread_returned))
+            done, _ = await asyncio.wait({waiting}, timeout=deadline)
+        except asyncio.CancelledError:
+            waiting.cancel()  # cancels the thread's work if it has not started
+            raise
+        if not done:
+            waiting.cancel()
+            raise DeadlineExceeded
+        return waiting.result()  # the handler's own TimeoutError is an ordinary error
+
+    def _hold_slot_for(self, run: Running) -> None:
+        """A thread cannot be interrupted: its slot stays taken until it returns."""
+        assert run.thread is not None
+        loop = asyncio.get_running_loop()
+        self._stuck_threads += 1
+        self.logger.warning(
+            "the thread running task %s (attempt %d) cannot be interrupted; its slot stays taken until it "
+            "returns (%s stuck)",
+            run.task.id,
+            run.task.attempt,
+            _count(self._stuck_threads, "thread"),
+        )
+        run.thread.add_done_callback(lambda _: _call_soon(loop, self._thread_returned))
 
     def _thread_returned(self) -> None:
         self._stuck_threads -= 1
         self._slot_free.set()
 
-    async def _fail(self, run: Running, error: str, *, outcome: str, final: bool = False) -> None:
+    async def _fail(
+        self, run: Running, error: str, *, outcome: str, final: bool = False, stuck: bool = False
+    ) -> FailOutcome | None:
+        """Record a failed attempt; ``stuck``: it was stopped at its deadline."""
         run.finishing = True
         task = run.task
         error = sanitise_error(error)  # also done by Failure; the events carry this text
@@ -391,8 +422,11 @@ class Worker:
             final=final,
             max_retries=max_retries,
         )
-        result = await self._with_retries(lambda: self.repo.fail(failure))
+        result: FailOutcome | None = await self._with_retries(lambda: self.repo.fail(failure))
         duration = time.monotonic() - run.started
+        if stuck and result is not None:
+            self.counters.timed_out += 1
+            await self._emit("task_stuck", task, error=error, outcome=outcome)
         if result is FailOutcome.RETRIED:
             self.counters.retried += 1
             await self._emit("task_retried", task, error=error, duration_s=duration, outcome=outcome)
@@ -405,17 +439,23 @@ class Worker:
                 task.id,
                 task.attempt,
             )
+        return result
 
     async def _with_retries(self, op: Any) -> Any:
+        """Retry a store write through a passing fault (about 15 s), less at shutdown."""
+        loop = asyncio.get_running_loop()
         delay = 0.05
-        for _ in range(8):
+        for attempt in range(9):
             try:
                 return await op()
             except Exception as exc:
+                out_of_time = self._give_up_at is not None and loop.time() + delay > self._give_up_at
+                if attempt == 8 or out_of_time:
+                    raise
                 self.logger.warning("store call failed (%s); retrying in %.2fs", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 3.0)
-        return await op()
+        raise AssertionError("unreachable")
 
     async def _on_reclaimed(self, task: Task, outcome: FailOutcome, error: str) -> None:
         self.counters.reclaimed += 1
@@ -436,6 +476,21 @@ async def first_of(waits: list[asyncio.Task[Any]]) -> None:
         for w in waits:
             w.cancel()
         await asyncio.gather(*waits, return_exceptions=True)
+
+
+class DeadlineExceeded(Exception):
+    """An attempt ran past its max_processing_time (not a TimeoutError of the handler's own)."""
+
+
+async def _within(coro: Any, deadline: float) -> Any:
+    """Await a handler under its deadline, telling the deadline from the handler's own timeouts."""
+    try:
+        async with asyncio.timeout(deadline) as scope:
+            return await coro
+    except TimeoutError:
+        if scope.expired():
+            raise DeadlineExceeded from None
+        raise
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, fn: Any) -> None:

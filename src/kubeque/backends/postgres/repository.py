@@ -522,6 +522,11 @@ class PostgresRepository:
                             )
                             continue
                     raise backend_error(exc, self.dsn, self.schema, doing) from exc
+                except BaseException:
+                    # Cancelled mid-statement: the lock may have been granted with
+                    # nobody to record it. Closing the session frees it.
+                    await self._discard_chore_connection(conn)
+                    raise
                 if row is None or not row["locked"]:
                     return None
                 self._chores_held[key] = conn
