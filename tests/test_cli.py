@@ -186,9 +186,10 @@ def test_retry_returns_a_finished_task_to_pending(store: list[str]) -> None:
     ok("tasks", "add", "ok", "{}", "--id", "r1", *store)
     ok("tasks", "rm", "r1", *store)
     assert ok_json("tasks", "show", "r1", *store)["status"] == "deleted"
-    retried = ok_json("tasks", "retry", "r1", *store)
-    assert retried["status"] == "pending"
-    assert "pending again" in ok("tasks", "retry", "r1", *store)
+    assert "task r1 is pending again" in ok("tasks", "retry", "r1", *store)
+    assert ok_json("tasks", "show", "r1", *store)["status"] == "pending"
+    # Retrying a task that is already waiting changes nothing, and says so.
+    assert "task r1 is already pending" in ok("tasks", "retry", "r1", *store)
 
 
 def test_rm_soft_marks_deleted_and_hard_deletes(store: list[str]) -> None:
@@ -267,8 +268,8 @@ def test_show_retry_and_rm_take_a_unique_id_prefix(store: list[str]) -> None:
     prefix = task_id[:6]
     assert ok_json("tasks", "show", prefix, *store)["id"] == task_id
     assert f"task {task_id} marked deleted" in ok("tasks", "rm", prefix, *store)
-    assert ok_json("tasks", "retry", prefix, *store)["status"] == "pending"
     assert f"task {task_id} is pending again" in ok("tasks", "retry", task_id[:4], *store)
+    assert ok_json("tasks", "retry", prefix, *store)["status"] == "pending"
     ok("tasks", "rm", prefix, "--hard", *store)
     assert_one_line_error(kubeque("tasks", "show", prefix, *store), f"no task with id {prefix!r}")
 
@@ -392,18 +393,12 @@ def test_worker_with_schema_but_no_dsn_uses_the_apps_postgres(pg_dsn: str, pg_sc
     assert not schema_exists(pg_dsn, "never_used_by_this_test")
 
 
-def test_worker_warns_when_the_app_registers_no_handlers(pg_dsn: str, pg_schema: str, tmp_path: Path) -> None:
+def test_worker_refuses_to_start_when_the_app_registers_no_handlers(
+    pg_dsn: str, pg_schema: str, tmp_path: Path
+) -> None:
     env = write_app(tmp_path, "empty_app", "queue = QueueManager(name='empty')\n")
-    code, log = run_worker_until(
-        ["--app", "empty_app:queue", "--dsn", pg_dsn, "--schema", pg_schema],
-        "started:",
-        tmp_path / "worker.log",
-        env=env,
-    )
-    assert code == 0, log
-    warning = [line for line in log.splitlines() if "registers no handlers" in line]
-    assert len(warning) == 1 and "WARNING" in warning[0], log
-    assert "handlers: none" in log
+    proc = kubeque("worker", "--app", "empty_app:queue", "--dsn", pg_dsn, "--schema", pg_schema, env=env)
+    assert_one_line_error(proc, "registers no handlers", "--app empty_app:queue")
 
 
 @pytest.mark.parametrize(
@@ -501,3 +496,29 @@ def test_demo_is_listed_even_if_it_cannot_load() -> None:
     proc = kubeque("demo", "--help")
     if proc.returncode != 0:
         assert_one_line_error(proc)
+
+
+def test_a_dsn_from_the_environment_keeps_the_apps_own_schema(pg_dsn: str, pg_schema: str, tmp_path: Path) -> None:
+    ok("migrate", "--dsn", pg_dsn, "--schema", pg_schema)
+    env = write_app(
+        tmp_path,
+        "pg_app",
+        f'queue = QueueManager({{"type": "postgres", "dsn": {pg_dsn!r}, "schema": {pg_schema!r}}})\n'
+        "queue.register('ok', lambda p: None)\n",
+    )
+    for var in ("DATABASE_URL", "KUBEQUE_DSN"):
+        added = ok_json("tasks", "add", "ok", "{}", "--app", "pg_app:queue", env={**env, var: pg_dsn})
+        listed = ok_json("tasks", "ls", "--dsn", pg_dsn, "--schema", pg_schema)
+        assert added["id"] in [t["id"] for t in listed], var
+
+
+def test_database_url_does_not_move_an_app_off_its_own_store(pg_dsn: str, tmp_path: Path) -> None:
+    tasks_file = tmp_path / "tasks.json"
+    env = write_app(
+        tmp_path,
+        "file_app",
+        f'queue = QueueManager({{"type": "file", "path": {str(tasks_file)!r}}})\n'
+        'queue.register("ok", lambda p: None)\n',
+    )
+    added = ok_json("tasks", "add", "ok", "{}", "--app", "file_app:queue", env={**env, "DATABASE_URL": pg_dsn})
+    assert added["id"] in tasks_file.read_text()

@@ -4,6 +4,7 @@ pointed at the store that ``--dsn`` / ``--schema`` name."""
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import shlex
 import sys
@@ -15,6 +16,8 @@ from .backends.base import Repository
 from .backends.postgres import PostgresRepository, describe
 from .errors import ConfigError, SchemaMissingError
 from .manager import QueueManager
+
+log = logging.getLogger("kubeque.app")
 
 DEFAULT_SCHEMA = "kubeque"
 DEFAULT_APPLICATION_NAME = "kubeque-worker"
@@ -68,16 +71,33 @@ def postgres_backend(
     }
 
 
-def point_at_store(queue: QueueManager, app: str, dsn: str | None, schema: str | None, **options: Any) -> None:
+def point_at_store(
+    queue: QueueManager,
+    app: str,
+    dsn: str | None,
+    schema: str | None,
+    *,
+    dsn_from_database_url: bool = False,
+    **options: Any,
+) -> None:
     """Point the app's queue at the store the command line names.
 
-    ``--dsn`` replaces the app's store. Without it, an app on PostgreSQL keeps
-    its own DSN (and pool sizes) and takes ``--schema`` if given; ``options``
-    (application_name, auto_migrate, ...) apply either way. ``--schema`` for an
-    app on another store is an error.
+    An app on PostgreSQL keeps its schema (and pool sizes) unless ``--schema``
+    is given, and takes ``--dsn`` if given. An app on another store is moved to
+    PostgreSQL only by ``--dsn`` or ``$KUBEQUE_DSN``: a ``$DATABASE_URL`` that
+    happens to be set (for the web framework, say) does not move it.
+    ``options`` (application_name, auto_migrate, ...) apply either way.
+    ``--schema`` for an app on another store is an error.
     """
     repo = queue.repository
-    if dsn:
+    on_postgres = isinstance(repo, PostgresRepository)
+    if dsn and dsn_from_database_url and not on_postgres:
+        log.info("ignoring $DATABASE_URL: the queue of --app %s uses the %s store (--dsn replaces it)", app, repo.name)
+        dsn = None
+    if dsn and isinstance(repo, PostgresRepository):
+        sizes = {"min_size": repo.min_size, "max_size": repo.max_size}
+        queue.configure_backend(postgres_backend(dsn, schema or repo.schema, **{**sizes, **options}))
+    elif dsn:
         queue.configure_backend(postgres_backend(dsn, schema, **options))
     elif isinstance(repo, PostgresRepository):
         sizes = {"min_size": repo.min_size, "max_size": repo.max_size}

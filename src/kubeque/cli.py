@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import difflib
+import functools
 import json
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -70,12 +72,13 @@ def dsn_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     )(fn)
 
 
-def schema_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+def schema_option(fn: Callable[..., Any], *, with_app: bool = True) -> Callable[..., Any]:
+    default = 'the --app queue\'s, if it is on PostgreSQL, else "kubeque"' if with_app else '"kubeque"'
     return click.option(
         "--schema",
         envvar=SCHEMA_ENV,
         show_envvar=True,
-        help='Queue schema in the database (default: the --app queue\'s, if it is on PostgreSQL, else "kubeque").',
+        help=f"Queue schema in the database (default: {default}).",
     )(fn)
 
 
@@ -97,6 +100,14 @@ def store_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return app_option(schema_option(dsn_option(fn)))
 
 
+def dsn_from_database_url() -> bool:
+    """Whether this command's --dsn came from $DATABASE_URL (not the flag or $KUBEQUE_DSN)."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None or ctx.get_parameter_source("dsn") is not click.core.ParameterSource.ENVIRONMENT:
+        return False
+    return not os.environ.get("KUBEQUE_DSN")
+
+
 def open_queue(app: str | None, dsn: str | None, schema: str | None) -> QueueManager:
     """The QueueManager the tasks and stats commands work on; never creates a schema.
 
@@ -113,7 +124,7 @@ def open_queue(app: str | None, dsn: str | None, schema: str | None) -> QueueMan
     }
     if app:
         queue = load_app(app)
-        point_at_store(queue, app, dsn, schema, **options)
+        point_at_store(queue, app, dsn, schema, dsn_from_database_url=dsn_from_database_url(), **options)
         if not queue.repository.multi_process:
             raise ConfigError(
                 f"the queue of --app {app} uses the {queue.repository.name} store, which other processes "
@@ -341,6 +352,7 @@ def worker(
     options = WorkerOptions(
         app=app,
         dsn=dsn,
+        dsn_from_database_url=dsn_from_database_url(),
         schema=schema,
         concurrency=concurrency,
         grace=grace,
@@ -366,7 +378,7 @@ def worker(
 
 @main.command()
 @dsn_option
-@schema_option
+@functools.partial(schema_option, with_app=False)
 @click.option("--json", "as_json", is_flag=True, help='Print {"schema": ..., "applied": [...]} as JSON.')
 def migrate(dsn: str | None, schema: str | None, as_json: bool) -> None:
     """Create or upgrade a queue's schema; print the versions applied."""
@@ -439,6 +451,12 @@ def tasks_add(
         click.echo(f"added task {task.id} ({task.handler}, priority {task.priority}, runs at {_when(task.run_at)})")
     if not app:
         click.echo(NO_APP_NOTE, err=True)
+    elif task.handler not in queue.handlers:
+        click.echo(
+            f"note: --app {app} does not register {task.handler!r} (it adds tasks for another process's "
+            "handlers), so the handler name and payload were not checked",
+            err=True,
+        )
 
 
 def _unknown_handler(queue: QueueManager, app: str, handler: str) -> str:
@@ -623,13 +641,15 @@ def tasks_retry(task_id: str, app: str | None, dsn: str | None, schema: str | No
     """
     queue = open_queue(app, dsn, schema)
 
-    async def retry(q: QueueManager) -> Task:
+    async def retry(q: QueueManager) -> tuple[Task, bool]:
         found = await find_task(q, task_id)
-        return await q.update_task(found.id, status="pending")
+        return await q.update_task(found.id, status="pending"), found.status is TaskStatus.PENDING
 
-    task = run(queue, retry)
+    task, already = run(queue, retry)
     if as_json:
         echo_json(task.to_json_dict())
+    elif already:
+        click.echo(f"task {task.id} is already pending (runs at {_when(task.run_at)}); nothing changed")
     else:
         click.echo(f"task {task.id} is pending again")
 

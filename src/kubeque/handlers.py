@@ -64,6 +64,13 @@ class Handler:
         }
 
 
+def describe_validation(handler: str, exc: Exception) -> str:
+    """A payload validation failure in one line, naming the fields."""
+    if isinstance(exc, ValidationError):
+        return _describe(handler, exc)
+    return " ".join(str(exc).split())
+
+
 def _describe(handler: str, exc: ValidationError) -> str:
     parts = []
     for err in exc.errors()[:5]:

@@ -102,7 +102,12 @@ class SyncQueueManager:
             finally:
                 await self._qm.stop_worker(grace)
 
-        self._run(main())
+        try:
+            self._run(main())
+        except KeyboardInterrupt:
+            # Ctrl-C: drain as SIGTERM does (the loop thread keeps running it).
+            assert self._loop is not None
+            asyncio.run_coroutine_threadsafe(self._qm.stop_worker(grace), self._loop.loop).result()
 
     def close(self) -> None:
         """Stop any worker, close the store's connections and the private loop."""

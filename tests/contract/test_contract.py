@@ -766,3 +766,15 @@ async def test_add_tasks_refuses_falsy_non_object_payloads(make_qm: Callable[...
     with pytest.raises(PayloadError):
         await qm.add_tasks([{"handler": "h", "payload": payload}])
     assert await qm.get_all_tasks() == []
+
+
+async def test_removing_a_running_task_closes_its_attempt_in_the_log(make_qm: Callable[..., QueueManager]) -> None:
+    qm = make_qm(validate_handlers=False)
+    t = await qm.add_task("h", {})
+    assert t is not None
+    await qm.repository.dequeue("w", 1, 30_000)
+    await qm.remove_task(t.id)
+    got = await qm.get_task(t.id)
+    assert got is not None and got.status is TaskStatus.DELETED
+    assert [(e["attempt"], e.get("outcome")) for e in got.log] == [(1, "removed")]
+    assert "ended_at" in got.log[0]

@@ -244,8 +244,16 @@ class TaskTable:
         if hard:
             del self.tasks[task_id]
         else:
+            # An attempt running at this moment is closed in the log as removed.
+            log = self._close_log(t, end_fields(now, "removed")) if t.status is TaskStatus.PROCESSING else t.log
             self.tasks[task_id] = t.model_copy(
-                update={"status": TaskStatus.DELETED, "updated_at": now, "worker": None, "lease_expires_at": None}
+                update={
+                    "status": TaskStatus.DELETED,
+                    "updated_at": now,
+                    "worker": None,
+                    "lease_expires_at": None,
+                    "log": log,
+                }
             )
         return True
 

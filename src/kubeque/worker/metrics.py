@@ -36,11 +36,15 @@ WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 3
 
 
 def queue_label(manager: QueueManager) -> str:
-    """The ``queue`` label: the manager's name if one was given, else the store's schema."""
+    """The ``queue`` label: the manager's name if one was given, else the store's
+    own queue name (the Postgres schema, the Redis queue)."""
     if manager.name != "default":
         return manager.name
-    schema = getattr(manager.repository, "schema", None)
-    return schema if isinstance(schema, str) and schema else manager.name
+    for attr in ("schema", "queue"):
+        value = getattr(manager.repository, attr, None)
+        if isinstance(value, str) and value:
+            return value
+    return manager.name
 
 
 class Metrics:

@@ -39,7 +39,7 @@ from ..backends.postgres.queries import migrations
 from ..errors import ConfigError, SchemaMissingError, one_line
 from ..manager import QueueManager
 from .health import Health, HealthServer
-from .metrics import Metrics
+from .metrics import Metrics, queue_label
 from .runtime import Worker, first_of
 from .tasklog import log_state_changes
 
@@ -77,6 +77,8 @@ class WorkerOptions:
 
     app: str
     dsn: str | None = None
+    #: the DSN came from $DATABASE_URL, which does not move an app off its own store
+    dsn_from_database_url: bool = False
     schema: str | None = None
     concurrency: int = 1
     grace: float = 30.0
@@ -104,9 +106,19 @@ class WorkerProcess:
             raise ConfigError(f"--stats-interval must be > 0 seconds, not {options.stats_interval}")
         self.options = options
         self.queue = queue if queue is not None else load_app(options.app)
+        if not self.queue.handlers.names():
+            # It would take every task and fail each one as unknown_handler.
+            raise ConfigError(
+                f"--app {options.app} registers no handlers, so this worker would fail every task it takes; "
+                "point --app at the module that registers them (with @queue.handler())"
+            )
         own = self.queue.repository
         # An app that set auto_migrate=False on its own store keeps that choice unless --dsn replaces the store.
-        app_migrates = bool(options.dsn) or not isinstance(own, PostgresRepository) or own.auto_migrate
+        app_migrates = (
+            (bool(options.dsn) and not options.dsn_from_database_url)
+            or not isinstance(own, PostgresRepository)
+            or own.auto_migrate
+        )
         self.migrate = options.migrate and app_migrates
         # The process migrates (and says so) itself; the store then only checks.
         point_at_store(
@@ -114,6 +126,7 @@ class WorkerProcess:
             options.app,
             options.dsn,
             options.schema,
+            dsn_from_database_url=options.dsn_from_database_url,
             application_name=options.application_name,
             auto_migrate=False,
         )
@@ -177,12 +190,6 @@ class WorkerProcess:
                 self.server = server.start()
                 logger.info("serving /metrics, /healthz and /readyz on %s:%d", opts.metrics_host, self.server.port)
                 self._background.append(asyncio.create_task(self.health.run_beat(), name="kubeque-beat"))
-            if not self.queue.handlers.names():
-                logger.warning(
-                    "--app %s registers no handlers: every task this worker takes will fail as unknown_handler; "
-                    "check that --app names the module that registers them (with @queue.handler())",
-                    opts.app,
-                )
             await self._prepare_store()
             log_state_changes(self.queue)
             worker_options: dict[str, Any] = {}
@@ -246,11 +253,11 @@ class WorkerProcess:
         logger.info(
             "worker %s started: queue %r, %s, %s; handlers: %s",
             worker.id,
-            self.queue.name,
+            queue_label(self.queue),
             describe_store(self.queue.repository),
             plural(worker.concurrency, "slot"),
             shown,
-            extra={"worker_id": worker.id, "queue": self.queue.name, "concurrency": worker.concurrency},
+            extra={"worker_id": worker.id, "queue": queue_label(self.queue), "concurrency": worker.concurrency},
         )
 
     async def _serve(self, worker: Worker) -> int:

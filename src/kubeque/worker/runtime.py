@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from ..errors import KubequeError, PayloadError
+from ..errors import KubequeError, PayloadError, one_line
 from ..events import TaskEvent
+from ..handlers import describe_validation
 from ..task import Completion, FailOutcome, Failure, Lease, Task, backoff_ms, encode_json, sanitise_error
 from .completions import CompletionBatcher, CompletionRefused
 from .leases import LeaseKeeper, Reclaimer
@@ -146,7 +147,7 @@ class Worker:
             self._loops.append(asyncio.create_task(self._reclaimer.run(), name="kubeque-reclaim"))
         if self._pruner is not None:
             self._loops.append(asyncio.create_task(self._pruner.run(), name="kubeque-prune"))
-        self.logger.info("worker %s started with %s", self.id, _count(self.concurrency, "slot"))
+        self.logger.debug("worker %s started with %s", self.id, _count(self.concurrency, "slot"))
 
     async def wait(self) -> None:
         """Block until the worker stops; re-raise a handler error under crash_on_worker_error."""
@@ -241,7 +242,10 @@ class Worker:
                 except Exception as exc:
                     failures += 1
                     delay = min(0.1 * 2**failures, 5.0)
-                    self.logger.warning("could not take tasks (%s); trying again in %.1fs", exc, delay)
+                    why = one_line(exc)
+                    if not why.startswith("could not"):
+                        why = f"could not take tasks: {why}"
+                    self.logger.warning("%s; trying again in %.1fs", why, delay)
                     await self._sleep_unless_stopping(delay)
                     continue
                 got = len(tasks)
@@ -311,7 +315,8 @@ class Worker:
         except Exception as exc:
             await self._fail(
                 run,
-                f"stored payload no longer matches the handler's schema: {exc}",
+                f"the payload does not match the handler's schema (it was added where the handler was not "
+                f"registered, or the schema changed since): {describe_validation(handler.name, exc)}",
                 outcome="invalid_payload",
                 final=True,
             )

@@ -10,6 +10,9 @@ if hard then
   return 1
 end
 local now = now_us()
+if redis.call('HGET', k, 'status') == 'processing' then
+  close_log(k, end_fields(now, '"removed"'))  -- the attempt running now ends here
+end
 drop_lease(k)
 redis.call('HSET', k, 'status', 'deleted')
 touch(k, now)
