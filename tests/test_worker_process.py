@@ -350,7 +350,8 @@ def test_connections_killed_mid_task_lose_no_completion(
         killed += len(pids)
         time.sleep(0.05)
     assert killed > 0
-    assert statuses(pg_dsn, pg_schema, "survivor")["survivor"] == "processing"
+    # The completion may land between two kills (the pool replaces a dead
+    # connection at checkout): what matters is that it lands, once, on attempt 1.
 
     wait_until(lambda: statuses(pg_dsn, pg_schema, "survivor")["survivor"] == "completed", 30, "the completion to land")
     survivor = tasks(pg_dsn, pg_schema)["survivor"]

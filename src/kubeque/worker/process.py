@@ -40,7 +40,7 @@ from ..errors import ConfigError, SchemaMissingError, one_line
 from ..manager import QueueManager
 from .health import Health, HealthServer
 from .metrics import Metrics, queue_label
-from .runtime import Worker, first_of
+from .runtime import Worker, first_of, plural
 from .tasklog import log_state_changes
 
 logger = logging.getLogger("kubeque.process")
@@ -52,11 +52,6 @@ STARTUP_HANDLERS_SHOWN = 10
 def signal_exit_code(signum: int) -> int:
     """Exit status after a second signal cut the drain short: 128 + its number, as a shell reports it."""
     return 128 + int(signum)
-
-
-def plural(count: int, word: str, many: str | None = None) -> str:
-    """``1 task``, ``2 tasks`` (``many`` for irregular plurals)."""
-    return f"{count} {word if count == 1 else (many or word + 's')}"
 
 
 def metrics_server_error(host: str, port: int, exc: OSError) -> ConfigError:

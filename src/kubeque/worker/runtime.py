@@ -147,7 +147,7 @@ class Worker:
             self._loops.append(asyncio.create_task(self._reclaimer.run(), name="kubeque-reclaim"))
         if self._pruner is not None:
             self._loops.append(asyncio.create_task(self._pruner.run(), name="kubeque-prune"))
-        self.logger.debug("worker %s started with %s", self.id, _count(self.concurrency, "slot"))
+        self.logger.debug("worker %s started with %s", self.id, plural(self.concurrency, "slot"))
 
     async def wait(self) -> None:
         """Block until the worker stops; re-raise a handler error under crash_on_worker_error."""
@@ -164,7 +164,7 @@ class Worker:
             await take
         jobs = [r.job for r in self._in_flight.values() if r.job is not None]
         if jobs:
-            self.logger.info("waiting up to %.0fs for %s", grace, _count(len(jobs), "running task"))
+            self.logger.info("waiting up to %.0fs for %s", grace, plural(len(jobs), "running task"))
             await asyncio.wait(jobs, timeout=grace)
         # Handlers still running go back to pending at once (a late result of a
         # released attempt fails its guard); outcomes already being written are
@@ -178,10 +178,10 @@ class Worker:
             try:
                 released = await self.repo.release([r.key for r in leftover])
                 self.counters.released += len(released)
-                self.logger.info("returned %s to pending", _count(len(released), "unfinished task"))
+                self.logger.info("returned %s to pending", plural(len(released), "unfinished task"))
             except Exception as exc:
                 self.logger.warning(
-                    "could not release %s (%s); their leases will expire", _count(len(leftover), "task"), exc
+                    "could not release %s (%s); their leases will expire", plural(len(leftover), "task"), exc
                 )
         # One deadline for everything still being written or cancelled.
         loop = asyncio.get_running_loop()
@@ -401,7 +401,7 @@ class Worker:
             "returns (%s stuck)",
             run.task.id,
             run.task.attempt,
-            _count(self._stuck_threads, "thread"),
+            plural(self._stuck_threads, "thread"),
         )
         run.thread.add_done_callback(lambda _: _call_soon(loop, self._thread_returned))
 
@@ -504,8 +504,9 @@ def _call_soon(loop: asyncio.AbstractEventLoop, fn: Any) -> None:
         loop.call_soon_threadsafe(fn)
 
 
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+def plural(count: int, word: str) -> str:
+    """``1 task``, ``2 tasks``."""
+    return f"{count} {word if count == 1 else word + 's'}"
 
 
 def _wait_seconds(task: Task) -> float | None:
